@@ -1,0 +1,112 @@
+"""Argument checks shared by every op.
+
+Every public op validates its inputs before any work is done, so bad input raises one clear
+error naming the op and the argument and changes nothing. Checks on *metadata* (shapes, dtypes,
+devices, contiguity, option values) run in the Python wrappers and are traced by ``torch.compile``;
+checks on *values* (NaN/inf logits, expert ids or offsets out of range) need the data and run
+inside the custom ops' real implementations, which always execute eagerly.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+INT_DTYPES = (torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8)
+
+
+class MoEKernelsError(ValueError):
+    """Raised for invalid input to a moe_kernels op. Subclasses ValueError."""
+
+
+def fail(op: str, arg: str, msg: str) -> None:
+    raise MoEKernelsError(f"moe_kernels.{op}: argument '{arg}' {msg}")
+
+
+def check(cond: bool, op: str, arg: str, msg: str) -> None:
+    if not cond:
+        fail(op, arg, msg)
+
+
+def check_tensor(
+    t,
+    op: str,
+    arg: str,
+    *,
+    ndim: int | Sequence[int] | None = None,
+    dtypes: Iterable[torch.dtype] | None = None,
+    contiguous: bool = True,
+) -> None:
+    if not isinstance(t, torch.Tensor):
+        fail(op, arg, f"must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None:
+        allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+        if t.dim() not in allowed:
+            want = " or ".join(f"{n}-D" for n in allowed)
+            fail(op, arg, f"must be {want}, got shape {tuple(t.shape)}")
+    if dtypes is not None:
+        dtypes = tuple(dtypes)
+        if t.dtype not in dtypes:
+            names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+            fail(op, arg, f"must have dtype in ({names}), got {str(t.dtype).replace('torch.', '')}")
+    if contiguous and not t.is_contiguous():
+        fail(op, arg, f"must be contiguous (strides {t.stride()} for shape {tuple(t.shape)}); "
+                      "call .contiguous() first")
+
+
+def check_same_device(op: str, ref_arg: str, ref: torch.Tensor, **others) -> None:
+    for name, t in others.items():
+        if t is not None and t.device != ref.device:
+            fail(op, name, f"is on {t.device} but '{ref_arg}' is on {ref.device}; "
+                           "all inputs must be on one device")
+
+
+def check_int(value, op: str, arg: str, *, lo: int | None = None, hi: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        # torch.SymInt is fine under torch.compile
+        if not isinstance(value, torch.SymInt):
+            fail(op, arg, f"must be an int, got {type(value).__name__}")
+    if lo is not None and value < lo:
+        fail(op, arg, f"must be >= {lo}, got {value}")
+    if hi is not None and value > hi:
+        fail(op, arg, f"must be <= {hi}, got {value}")
+    return value
+
+
+def check_choice(value, op: str, arg: str, choices: Sequence[str]) -> str:
+    if value not in choices:
+        fail(op, arg, f"must be one of {tuple(choices)}, got {value!r}")
+    return value
+
+
+# ---- value checks (run inside the real kernels: they read the data) ----
+
+def check_finite(t: torch.Tensor, op: str, arg: str) -> None:
+    if t.numel() and not bool(torch.isfinite(t).all()):
+        bad = (~torch.isfinite(t)).nonzero()[0].tolist()
+        fail(op, arg, f"contains NaN or inf (first at index {tuple(bad)})")
+
+
+def check_index_range(t: torch.Tensor, hi: int, op: str, arg: str, *, allow_minus_one=False) -> None:
+    """All values in [0, hi) (or -1 when allow_minus_one)."""
+    if t.numel() == 0:
+        return
+    lo = -1 if allow_minus_one else 0
+    mn, mx = int(t.min()), int(t.max())
+    if mn < lo or mx >= hi:
+        bad = mn if mn < lo else mx
+        fail(op, arg, f"has value {bad} out of range [{lo}, {hi})")
+
+
+def check_offsets(offsets: torch.Tensor, num_rows: int, op: str, arg: str = "offsets") -> None:
+    """offsets[0] == 0, non-decreasing, offsets[-1] <= num_rows."""
+    o = offsets.to("cpu", torch.int64)
+    if int(o[0]) != 0:
+        fail(op, arg, f"must start at 0, got offsets[0]={int(o[0])}")
+    if o.numel() > 1 and bool((o[1:] < o[:-1]).any()):
+        i = int((o[1:] < o[:-1]).nonzero()[0])
+        fail(op, arg, f"must be non-decreasing, got offsets[{i}]={int(o[i])} > offsets[{i + 1}]={int(o[i + 1])}")
+    if int(o[-1]) > num_rows:
+        fail(op, arg, f"ends at {int(o[-1])} but the input has only {num_rows} rows")

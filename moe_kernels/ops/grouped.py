@@ -1,0 +1,202 @@
+"""Expert compute ops: ``grouped_gemm``, ``grouped_mlp`` and the whole-layer ``moe_mlp``."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .._validation import (FLOAT_DTYPES, check, check_choice, check_offsets, check_same_device,
+                           check_tensor)
+from ..backends import resolve
+from ..backends import get_kernel
+from ..reference.grouped import ACTIVATIONS
+from ..types import Routing
+from .permute import combine, dispatch
+
+
+def _empty_if_none(t: Optional[Tensor], like: Tensor) -> Tensor:
+    return t if t is not None else like.new_empty(0)
+
+
+# ---------------------------------------------------------------- grouped_gemm
+
+@torch.library.custom_op("moe_kernels::grouped_gemm", mutates_args=())
+def _grouped_gemm(x: Tensor, offsets: Tensor, w: Tensor, backend: str) -> Tensor:
+    check_offsets(offsets, x.shape[0], "grouped_gemm")
+    return get_kernel(backend, "grouped_gemm")(x, offsets, w)
+
+
+@_grouped_gemm.register_fake
+def _(x, offsets, w, backend):
+    return x.new_empty(x.shape[0], w.shape[2])
+
+
+@torch.library.custom_op("moe_kernels::grouped_gemm_backward", mutates_args=())
+def _grouped_gemm_backward(grad_out: Tensor, x: Tensor, offsets: Tensor, w: Tensor, need_x: bool,
+                           need_w: bool, backend: str) -> tuple[Tensor, Tensor]:
+    gx, gw = get_kernel(backend, "grouped_gemm_backward")(grad_out, x, offsets, w, need_x, need_w)
+    return _empty_if_none(gx, x), _empty_if_none(gw, w)
+
+
+@_grouped_gemm_backward.register_fake
+def _(grad_out, x, offsets, w, need_x, need_w, backend):
+    return (torch.empty_like(x) if need_x else x.new_empty(0),
+            torch.empty_like(w) if need_w else w.new_empty(0))
+
+
+def _gg_setup(ctx, inputs, output):
+    x, offsets, w, backend = inputs
+    ctx.save_for_backward(x, offsets, w)
+    ctx.backend = backend
+
+
+def _gg_bwd(ctx, grad):
+    x, offsets, w = ctx.saved_tensors
+    need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+    if not (need_x or need_w):
+        return None, None, None, None
+    gx, gw = _grouped_gemm_backward(grad.contiguous(), x, offsets, w, need_x, need_w, ctx.backend)
+    return (gx if need_x else None), None, (gw if need_w else None), None
+
+
+_grouped_gemm.register_autograd(_gg_bwd, setup_context=_gg_setup)
+
+
+# ---------------------------------------------------------------- grouped_mlp
+
+@torch.library.custom_op("moe_kernels::grouped_mlp", mutates_args=())
+def _grouped_mlp(x: Tensor, offsets: Tensor, w1: Tensor, w2: Tensor, b1: Optional[Tensor],
+                 b2: Optional[Tensor], activation: str, backend: str) -> Tensor:
+    check_offsets(offsets, x.shape[0], "grouped_mlp")
+    return get_kernel(backend, "grouped_mlp")(x, offsets, w1, w2, b1, b2, activation)
+
+
+@_grouped_mlp.register_fake
+def _(x, offsets, w1, w2, b1, b2, activation, backend):
+    return x.new_empty(x.shape[0], w2.shape[2])
+
+
+@torch.library.custom_op("moe_kernels::grouped_mlp_backward", mutates_args=())
+def _grouped_mlp_backward(grad_out: Tensor, x: Tensor, offsets: Tensor, w1: Tensor, w2: Tensor,
+                          b1: Optional[Tensor], b2: Optional[Tensor], activation: str,
+                          backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    gx, gw1, gw2, gb1, gb2 = get_kernel(backend, "grouped_mlp_backward")(
+        grad_out, x, offsets, w1, w2, b1, b2, activation)
+    return gx, gw1, gw2, _empty_if_none(gb1, w1), _empty_if_none(gb2, w2)
+
+
+@_grouped_mlp_backward.register_fake
+def _(grad_out, x, offsets, w1, w2, b1, b2, activation, backend):
+    return (torch.empty_like(x), torch.empty_like(w1), torch.empty_like(w2),
+            torch.empty_like(b1) if b1 is not None else w1.new_empty(0),
+            torch.empty_like(b2) if b2 is not None else w2.new_empty(0))
+
+
+def _gm_setup(ctx, inputs, output):
+    x, offsets, w1, w2, b1, b2, activation, backend = inputs
+    ctx.save_for_backward(x, offsets, w1, w2, b1, b2)
+    ctx.opts = (activation, backend)
+
+
+def _gm_bwd(ctx, grad):
+    x, offsets, w1, w2, b1, b2 = ctx.saved_tensors
+    gx, gw1, gw2, gb1, gb2 = _grouped_mlp_backward(grad.contiguous(), x, offsets, w1, w2, b1, b2,
+                                                   *ctx.opts)
+    return (gx, None, gw1, gw2, gb1 if b1 is not None else None, gb2 if b2 is not None else None,
+            None, None)
+
+
+_grouped_mlp.register_autograd(_gm_bwd, setup_context=_gm_setup)
+
+
+# ---------------------------------------------------------------- public API
+
+def _check_offsets_meta(offsets: Tensor, num_experts: int, op: str, ref: Tensor) -> None:
+    check_tensor(offsets, op, "offsets", ndim=1, dtypes=(torch.int32,))
+    check(offsets.shape[0] == num_experts + 1, op, "offsets",
+          f"must have E+1={num_experts + 1} entries for E={num_experts} experts, got {offsets.shape[0]}")
+    check_same_device(op, "x", ref, offsets=offsets)
+
+
+def grouped_gemm(x: Tensor, offsets: Tensor, w: Tensor, *, backend: Optional[str] = None) -> Tensor:
+    """Per-expert GEMM over row segments: ``out[offsets[e]:offsets[e+1]] = x[...] @ w[e]``.
+
+    Args:
+        x: ``[N, a]`` rows grouped by expert.
+        offsets: ``[E + 1]`` int32, ``offsets[0] == 0``, non-decreasing, ``offsets[E] <= N``.
+        w: ``[E, a, b]``, same dtype and device as ``x``.
+
+    Returns:
+        ``[N, b]`` in ``x.dtype``; rows past ``offsets[E]`` are zero.
+    """
+    op = "grouped_gemm"
+    check_tensor(x, op, "x", ndim=2, dtypes=FLOAT_DTYPES)
+    check_tensor(w, op, "w", ndim=3, dtypes=FLOAT_DTYPES)
+    check(w.dtype == x.dtype, op, "w", f"must have the dtype of x ({x.dtype}), got {w.dtype}")
+    check(w.shape[1] == x.shape[1], op, "w",
+          f"must have shape [E, a, b] with a={x.shape[1]} (columns of x), got {tuple(w.shape)}")
+    check_same_device(op, "x", x, w=w)
+    _check_offsets_meta(offsets, w.shape[0], op, x)
+    return _grouped_gemm(x, offsets, w, resolve(op, x.device, backend))
+
+
+def _check_mlp(op, x, w1, w2, b1, b2, activation):
+    check_tensor(x, op, "x", ndim=2, dtypes=FLOAT_DTYPES)
+    check_choice(activation, op, "activation", ACTIVATIONS)
+    check_tensor(w1, op, "w1", ndim=3, dtypes=FLOAT_DTYPES)
+    check_tensor(w2, op, "w2", ndim=3, dtypes=FLOAT_DTYPES)
+    E, d = w1.shape[0], x.shape[1]
+    h = w2.shape[1]
+    h1 = 2 * h if activation == "swiglu" else h
+    check(tuple(w1.shape) == (E, d, h1), op, "w1",
+          f"must have shape [E, d, {'2h' if activation == 'swiglu' else 'h'}]={(E, d, h1)} "
+          f"(d from x, h from w2), got {tuple(w1.shape)}")
+    check(w2.shape[0] == E, op, "w2", f"must have E={E} experts like w1, got {tuple(w2.shape)}")
+    for name, t, n in (("b1", b1, h1), ("b2", b2, w2.shape[2])):
+        if t is not None:
+            check_tensor(t, op, name, ndim=2, dtypes=FLOAT_DTYPES)
+            check(tuple(t.shape) == (E, n), op, name, f"must have shape {(E, n)}, got {tuple(t.shape)}")
+    for name, t in (("w1", w1), ("w2", w2), ("b1", b1), ("b2", b2)):
+        if t is not None:
+            check(t.dtype == x.dtype, op, name, f"must have the dtype of x ({x.dtype}), got {t.dtype}")
+    check_same_device(op, "x", x, w1=w1, w2=w2, b1=b1, b2=b2)
+
+
+def grouped_mlp(x: Tensor, offsets: Tensor, w1: Tensor, w2: Tensor, activation: str = "gelu",
+                b1: Optional[Tensor] = None, b2: Optional[Tensor] = None, *,
+                backend: Optional[str] = None) -> Tensor:
+    """Per-expert MLP over row segments: ``act(x_e @ w1[e] + b1[e]) @ w2[e] + b2[e]``.
+
+    Args:
+        x: ``[N, d]`` rows grouped by expert; ``offsets`` as in :func:`grouped_gemm`.
+        w1: ``[E, d, h]`` (``[E, d, 2h]`` for ``"swiglu"``: ``silu(z[:, :h]) * z[:, h:]``).
+        w2: ``[E, h, d_out]``; b1 ``[E, h or 2h]`` and b2 ``[E, d_out]`` optional.
+        activation: ``"gelu"`` (exact, erf), ``"relu"``, ``"silu"`` or ``"swiglu"``.
+
+    Returns:
+        ``[N, d_out]``. One autograd node: backward recomputes the hidden activation per expert.
+    """
+    op = "grouped_mlp"
+    _check_mlp(op, x, w1, w2, b1, b2, activation)
+    _check_offsets_meta(offsets, w1.shape[0], op, x)
+    return _grouped_mlp(x, offsets, w1, w2, b1, b2, activation, resolve(op, x.device, backend))
+
+
+def moe_mlp(x: Tensor, routing: Routing, w1: Tensor, w2: Tensor, activation: str = "gelu",
+            b1: Optional[Tensor] = None, b2: Optional[Tensor] = None, *,
+            backend: Optional[str] = None) -> Tensor:
+    """The whole expert layer: dispatch -> grouped MLP -> combine with ``routing.topk_weights``.
+
+    ``x`` is ``[T, d]``; returns ``[T, d_out]``. Fast backends may fuse the gather into the first
+    GEMM and the scatter-combine into the second; the reference composes the three ops.
+    """
+    op = "moe_mlp"
+    _check_mlp(op, x, w1, w2, b1, b2, activation)
+    check(isinstance(routing, Routing), op, "routing", "must be a moe_kernels.Routing")
+    check(routing.num_experts == w1.shape[0], op, "w1",
+          f"has {w1.shape[0]} experts but the routing has {routing.num_experts}")
+    xe = dispatch(x, routing, backend=backend)
+    ye = grouped_mlp(xe, routing.offsets, w1, w2, activation, b1, b2, backend=backend)
+    return combine(ye, routing, backend=backend)

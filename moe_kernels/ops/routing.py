@@ -1,0 +1,249 @@
+"""Top-k routing ops: ``route`` and the task-conditioned ``task_route``."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from .._validation import (FLOAT_DTYPES, INT_DTYPES, check, check_choice, check_finite,
+                           check_index_range, check_int, check_same_device, check_tensor, fail)
+from ..backends import get_kernel, resolve
+from ..reference._util import acc_dtype
+from ..reference.routing import plan_num_rows, resolve_capacity
+from ..types import Routing
+
+SCORES = ("softmax", "sigmoid")
+DROP_POLICIES = ("position", "score")
+
+_ROUTE_OUT = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
+
+
+# ---------------------------------------------------------------- route
+
+@torch.library.custom_op("moe_kernels::route", mutates_args=())
+def _route(logits: Tensor, k: int, score: str, renormalize: bool, capacity: int, drop_policy: str,
+           pad_to: int, num_rows: int, backend: str) -> _ROUTE_OUT:
+    check_finite(logits, "route", "logits")
+    return tuple(get_kernel(backend, "route")(logits, k, score, renormalize, capacity, drop_policy,
+                                              pad_to, num_rows))
+
+
+def _route_shapes(like: Tensor, T, k, E, num_rows):
+    i32 = dict(dtype=torch.int32, device=like.device)
+    return (like.new_empty(T, k, **i32), like.new_empty(T, k, dtype=acc_dtype(like.dtype)),
+            like.new_empty(E, **i32), like.new_empty(E + 1, **i32), like.new_empty(T, k, **i32),
+            like.new_empty(num_rows, **i32), like.new_empty((), dtype=torch.int64))
+
+
+@_route.register_fake
+def _(logits, k, score, renormalize, capacity, drop_policy, pad_to, num_rows, backend):
+    T, E = logits.shape
+    return _route_shapes(logits, T, k, E, num_rows)
+
+
+@torch.library.custom_op("moe_kernels::route_backward", mutates_args=())
+def _route_backward(grad_weights: Tensor, logits: Tensor, topk_ids: Tensor, score: str,
+                    renormalize: bool, backend: str) -> Tensor:
+    return get_kernel(backend, "route_backward")(grad_weights, logits, topk_ids, score, renormalize)
+
+
+@_route_backward.register_fake
+def _(grad_weights, logits, topk_ids, score, renormalize, backend):
+    return torch.empty_like(logits)
+
+
+def _route_setup(ctx, inputs, output):
+    logits, k, score, renormalize, *_rest, backend = inputs
+    ctx.save_for_backward(logits, output[0])
+    ctx.opts = (score, renormalize, backend)
+
+
+def _route_bwd(ctx, g_ids, g_weights, *unused):
+    if g_weights is None:
+        return (None,) * 9
+    logits, ids = ctx.saved_tensors
+    score, renormalize, backend = ctx.opts
+    grad = _route_backward(g_weights.contiguous(), logits, ids, score, renormalize, backend)
+    return (grad,) + (None,) * 8
+
+
+_route.register_autograd(_route_bwd, setup_context=_route_setup)
+
+
+# ---------------------------------------------------------------- task_route
+
+@torch.library.custom_op("moe_kernels::task_route", mutates_args=())
+def _task_route(x: Tensor, router_weight: Tensor, task_ids: Optional[Tensor], batch_task: int, k: int,
+                score: str, renormalize: bool, capacity: int, drop_policy: str, pad_to: int,
+                num_rows: int, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                                                      Tensor, Tensor]:
+    M = router_weight.shape[0]
+    if task_ids is not None:
+        check_index_range(task_ids, M, "task_route", "task_ids")
+    check_finite(x, "task_route", "x")
+    out = get_kernel(backend, "task_route")(x, router_weight, task_ids, batch_task, k, score,
+                                            renormalize, capacity, drop_policy, pad_to, num_rows)
+    check_finite(out[0], "task_route", "router_weight (the router logits x @ router_weight)")
+    return tuple(out)
+
+
+@_task_route.register_fake
+def _(x, router_weight, task_ids, batch_task, k, score, renormalize, capacity, drop_policy, pad_to,
+      num_rows, backend):
+    T, E = x.shape[0], router_weight.shape[2]
+    return (x.new_empty(T, E),) + _route_shapes(x, T, k, E, num_rows)
+
+
+@torch.library.custom_op("moe_kernels::task_route_backward", mutates_args=())
+def _task_route_backward(grad_logits: Optional[Tensor], grad_weights: Optional[Tensor], x: Tensor,
+                         router_weight: Tensor, task_ids: Optional[Tensor], batch_task: int,
+                         logits: Tensor, topk_ids: Tensor, score: str, renormalize: bool,
+                         backend: str) -> tuple[Tensor, Tensor]:
+    gx, gw = get_kernel(backend, "task_route_backward")(grad_logits, grad_weights, x, router_weight,
+                                                        task_ids, batch_task, logits, topk_ids, score,
+                                                        renormalize)
+    return gx, gw
+
+
+@_task_route_backward.register_fake
+def _(grad_logits, grad_weights, x, router_weight, task_ids, batch_task, logits, topk_ids, score,
+      renormalize, backend):
+    return torch.empty_like(x), torch.empty_like(router_weight)
+
+
+def _task_route_setup(ctx, inputs, output):
+    x, router_weight, task_ids, batch_task, k, score, renormalize, *_rest, backend = inputs
+    ctx.save_for_backward(x, router_weight, task_ids, output[0], output[1])
+    ctx.opts = (batch_task, score, renormalize, backend)
+
+
+def _task_route_bwd(ctx, g_logits, g_ids, g_weights, *unused):
+    if g_logits is None and g_weights is None:
+        return (None,) * 12
+    x, router_weight, task_ids, logits, ids = ctx.saved_tensors
+    batch_task, score, renormalize, backend = ctx.opts
+    gx, gw = _task_route_backward(
+        None if g_logits is None else g_logits.contiguous(),
+        None if g_weights is None else g_weights.contiguous(),
+        x, router_weight, task_ids, batch_task, logits, ids, score, renormalize, backend)
+    return (gx, gw) + (None,) * 10
+
+
+_task_route.register_autograd(_task_route_bwd, setup_context=_task_route_setup)
+
+
+# ---------------------------------------------------------------- public API
+
+def _check_options(op, k, E, *, score, renormalize, capacity, capacity_factor, min_capacity,
+                   drop_policy, pad_to):
+    check_int(k, op, "k", lo=1)
+    if k > E:
+        fail(op, "k", f"must be <= the number of experts E={E}, got {k}")
+    check_choice(score, op, "score", SCORES)
+    check(isinstance(renormalize, bool), op, "renormalize", "must be a bool")
+    check_choice(drop_policy, op, "drop_policy", DROP_POLICIES)
+    check_int(pad_to, op, "pad_to", lo=1)
+    check_int(min_capacity, op, "min_capacity", lo=0)
+    if capacity is not None and capacity_factor is not None:
+        fail(op, "capacity", "and 'capacity_factor' are exclusive; give at most one")
+    if capacity is not None:
+        check_int(capacity, op, "capacity", lo=1)
+    if capacity_factor is not None:
+        check(isinstance(capacity_factor, (int, float)) and not isinstance(capacity_factor, bool)
+              and math.isfinite(capacity_factor) and capacity_factor > 0,
+              op, "capacity_factor", f"must be a finite number > 0, got {capacity_factor!r}")
+
+
+def route(logits: Tensor, k: int, *, score: str = "softmax", renormalize: bool = True,
+          capacity: Optional[int] = None, capacity_factor: Optional[float] = None,
+          min_capacity: int = 0, drop_policy: str = "position", pad_to: int = 1,
+          backend: Optional[str] = None) -> Routing:
+    """Fused top-k routing: scores, top-k choice and the dispatch plan in one op.
+
+    Args:
+        logits: ``[T, E]`` router logits (fp32, bf16, fp16 or fp64), contiguous and finite.
+        k: experts per token, ``1 <= k <= E``.
+        score: ``"softmax"`` (over the E experts) or ``"sigmoid"``; computed in fp32.
+        renormalize: divide the k chosen scores by their sum.
+        capacity: rows kept per expert; ``None`` (and no ``capacity_factor``) is dropless.
+        capacity_factor: capacity ``max(min_capacity, ceil(capacity_factor * T * k / E))``.
+        min_capacity: lower bound for the capacity derived from ``capacity_factor``.
+        drop_policy: beyond capacity keep the first assignments in token order (``"position"``) or
+            the highest-scoring ones (``"score"``, batch-prioritised routing; ties by token order).
+        pad_to: pad every expert segment to a multiple of this (GEMM tile) size.
+        backend: force a backend (``"reference"``, ``"cpu"``, ``"triton"``, ``"cuda"``); default:
+            ``$MOE_KERNELS_BACKEND`` or the fastest available for the device.
+
+    Returns:
+        :class:`moe_kernels.Routing`. Ties in top-k go to the lower expert id. ``T = 0`` gives empty
+        results. Dropped assignments have ``slots == -1`` and are counted in ``num_dropped``.
+
+    Example:
+        >>> r = route(torch.randn(6, 4), k=2)
+        >>> r.topk_ids.shape, int(r.offsets[-1])
+        (torch.Size([6, 2]), 12)
+    """
+    op = "route"
+    check_tensor(logits, op, "logits", ndim=2, dtypes=FLOAT_DTYPES)
+    T, E = logits.shape
+    check(E >= 1, op, "logits", "must have at least one expert column (shape [T, E], E >= 1)")
+    _check_options(op, k, E, score=score, renormalize=renormalize, capacity=capacity,
+                   capacity_factor=capacity_factor, min_capacity=min_capacity, drop_policy=drop_policy,
+                   pad_to=pad_to)
+    C = resolve_capacity(T, k, E, capacity, capacity_factor, min_capacity)
+    N = plan_num_rows(T, k, E, C, pad_to)
+    name = resolve(op, logits.device, backend)
+    outs = _route(logits, k, score, renormalize, C, drop_policy, pad_to, N, name)
+    return Routing(*outs, logits=logits, score=score, capacity=C)
+
+
+def task_route(x: Tensor, router_weight: Tensor, task_ids: Union[int, Tensor], k: int, *,
+               score: str = "softmax", renormalize: bool = True, capacity: Optional[int] = None,
+               capacity_factor: Optional[float] = None, min_capacity: int = 0,
+               drop_policy: str = "position", pad_to: int = 1,
+               backend: Optional[str] = None) -> Routing:
+    """Task-conditioned routing: one router per task or dataset, the router product inside the op.
+
+    ``logits[t] = x[t] @ router_weight[task_ids[t]]``, then exactly :func:`route` on those logits
+    (same options, same semantics). The returned ``Routing.logits`` are the router logits and are
+    differentiable w.r.t. ``x`` and ``router_weight`` (for auxiliary losses).
+
+    Args:
+        x: ``[T, d]`` token features.
+        router_weight: ``[M, d, E]``, one ``d x E`` router per task; same dtype and device as ``x``.
+        task_ids: an int in ``[0, M)`` for the whole batch, or an integer tensor ``[T]`` with the
+            task of each token (mixed tasks in one batch).
+        k, ...: as in :func:`route`.
+    """
+    op = "task_route"
+    check_tensor(x, op, "x", ndim=2, dtypes=FLOAT_DTYPES)
+    check_tensor(router_weight, op, "router_weight", ndim=3, dtypes=FLOAT_DTYPES)
+    check_same_device(op, "x", x, router_weight=router_weight)
+    T, d = x.shape
+    M, d_w, E = router_weight.shape
+    check(d_w == d, op, "router_weight",
+          f"must have shape [M, d, E] with d={d} matching x, got {tuple(router_weight.shape)}")
+    check(router_weight.dtype == x.dtype, op, "router_weight",
+          f"must have the dtype of x ({x.dtype}), got {router_weight.dtype}")
+    check(M >= 1 and E >= 1, op, "router_weight", f"must have M >= 1 and E >= 1, got {(M, d_w, E)}")
+    if isinstance(task_ids, torch.Tensor):
+        check_tensor(task_ids, op, "task_ids", ndim=1, dtypes=INT_DTYPES)
+        check(task_ids.shape[0] == T, op, "task_ids",
+              f"must have one entry per token ([T]={T}), got shape {tuple(task_ids.shape)}")
+        check_same_device(op, "x", x, task_ids=task_ids)
+        batch_task, ids = -1, task_ids
+    else:
+        check_int(task_ids, op, "task_ids", lo=0, hi=M - 1)
+        batch_task, ids = int(task_ids), None
+    _check_options(op, k, E, score=score, renormalize=renormalize, capacity=capacity,
+                   capacity_factor=capacity_factor, min_capacity=min_capacity, drop_policy=drop_policy,
+                   pad_to=pad_to)
+    C = resolve_capacity(T, k, E, capacity, capacity_factor, min_capacity)
+    N = plan_num_rows(T, k, E, C, pad_to)
+    name = resolve(op, x.device, backend)
+    logits, *outs = _task_route(x, router_weight, ids, batch_task, k, score, renormalize, C,
+                                drop_policy, pad_to, N, name)
+    return Routing(*outs, logits=logits, score=score, capacity=C)

@@ -1,0 +1,128 @@
+"""Reference grouped GEMM and grouped expert MLP over expert segments ``offsets`` (one autograd node each).
+
+Rows [offsets[e], offsets[e+1]) belong to expert e; rows at and past offsets[E] produce zeros and
+get zero gradient. GEMMs run in the input dtype (fp32 accumulation inside ATen for bf16/fp16);
+activations are evaluated in fp32 and cast back. Backward recomputes the hidden activation per
+expert instead of keeping it (memory: nothing but the inputs is saved).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._util import acc_dtype, up
+
+ACTIVATIONS = ("gelu", "relu", "silu", "swiglu")
+_INV_SQRT2 = 1.0 / math.sqrt(2.0)
+_INV_SQRT2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+def segments(offsets: torch.Tensor):
+    o = offsets.tolist()
+    return [(e, o[e], o[e + 1]) for e in range(len(o) - 1) if o[e + 1] > o[e]]
+
+
+# ---- activations: forward and derivative, fp32 math ----
+
+def act_fwd(z: torch.Tensor, activation: str) -> torch.Tensor:
+    zf = up(z)
+    if activation == "gelu":
+        h = 0.5 * zf * (1.0 + torch.erf(zf * _INV_SQRT2))
+    elif activation == "relu":
+        h = torch.relu(zf)
+    elif activation == "silu":
+        h = zf * torch.sigmoid(zf)
+    elif activation == "swiglu":
+        a, b = zf.chunk(2, dim=-1)
+        h = a * torch.sigmoid(a) * b
+    elif activation == "none":
+        h = zf
+    else:
+        raise ValueError(f"unknown activation {activation!r}")
+    return h.to(z.dtype)
+
+
+def act_bwd(z: torch.Tensor, grad_h: torch.Tensor, activation: str) -> torch.Tensor:
+    """d loss / d z given d loss / d act(z)."""
+    zf, g = up(z), up(grad_h)
+    if activation == "gelu":
+        d = 0.5 * (1.0 + torch.erf(zf * _INV_SQRT2)) + zf * torch.exp(-0.5 * zf * zf) * _INV_SQRT2PI
+        gz = g * d
+    elif activation == "relu":
+        gz = torch.where(zf > 0, g, 0.0)
+    elif activation == "silu":
+        s = torch.sigmoid(zf)
+        gz = g * s * (1.0 + zf * (1.0 - s))
+    elif activation == "swiglu":
+        a, b = zf.chunk(2, dim=-1)
+        s = torch.sigmoid(a)
+        gz = torch.cat([g * b * s * (1.0 + a * (1.0 - s)), g * a * s], dim=-1)
+    elif activation == "none":
+        gz = g
+    else:
+        raise ValueError(f"unknown activation {activation!r}")
+    return gz.to(z.dtype)
+
+
+# ---- grouped GEMM ----
+
+def grouped_gemm_fwd(x: torch.Tensor, offsets: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    out = torch.zeros(x.shape[0], w.shape[2], dtype=x.dtype, device=x.device)
+    for e, lo, hi in segments(offsets):
+        torch.matmul(x[lo:hi], w[e], out=out[lo:hi])
+    return out
+
+
+def grouped_gemm_bwd(grad_out: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor, w: torch.Tensor,
+                     need_x: bool, need_w: bool):
+    gx = torch.zeros_like(x) if need_x else None
+    gw = torch.zeros_like(w) if need_w else None
+    for e, lo, hi in segments(offsets):
+        g = grad_out[lo:hi]
+        if need_x:
+            torch.matmul(g, w[e].t(), out=gx[lo:hi])
+        if need_w:
+            torch.matmul(x[lo:hi].t(), g, out=gw[e])
+    return gx, gw
+
+
+# ---- grouped MLP ----
+
+def _hidden(x_e, w1_e, b1_e):
+    z = x_e @ w1_e
+    if b1_e is not None:
+        z = z + b1_e
+    return z
+
+
+def grouped_mlp_fwd(x, offsets, w1, w2, b1, b2, activation: str) -> torch.Tensor:
+    out = torch.zeros(x.shape[0], w2.shape[2], dtype=x.dtype, device=x.device)
+    for e, lo, hi in segments(offsets):
+        h = act_fwd(_hidden(x[lo:hi], w1[e], None if b1 is None else b1[e]), activation)
+        y = out[lo:hi]
+        torch.matmul(h, w2[e], out=y)
+        if b2 is not None:
+            y += b2[e]
+    return out
+
+
+def grouped_mlp_bwd(grad_out, x, offsets, w1, w2, b1, b2, activation: str):
+    gx = torch.zeros_like(x)
+    gw1, gw2 = torch.zeros_like(w1), torch.zeros_like(w2)
+    gb1 = torch.zeros_like(b1) if b1 is not None else None
+    gb2 = torch.zeros_like(b2) if b2 is not None else None
+    for e, lo, hi in segments(offsets):
+        x_e, g = x[lo:hi], grad_out[lo:hi]
+        z = _hidden(x_e, w1[e], None if b1 is None else b1[e])  # recomputed, not saved
+        h = act_fwd(z, activation)
+        torch.matmul(h.t(), g, out=gw2[e])
+        if gb2 is not None:
+            gb2[e] = up(g).sum(0).to(gb2.dtype)
+        gz = act_bwd(z, g @ w2[e].t(), activation)
+        torch.matmul(x_e.t(), gz, out=gw1[e])
+        if gb1 is not None:
+            gb1[e] = up(gz).sum(0).to(gb1.dtype)
+        torch.matmul(gz, w1[e].t(), out=gx[lo:hi])
+    return gx, gw1, gw2, gb1, gb2

@@ -1,0 +1,59 @@
+"""Reference dispatch (gather into expert-grouped rows) and combine (weighted gather-sum back).
+
+dispatch:  out[r] = x[sources[r]], zero where sources[r] == -1 (padding rows).
+combine:   out[t] = sum_j w[t, j] * y[slots[t, j]] over kept assignments (slots >= 0), accumulated
+           in fp32 in j order, returned in y.dtype.
+Backward of dispatch is the gather-sum grad_x[t] = sum_j g[slots[t, j]] (no atomics: every row is
+read, never scattered into); backward of combine writes each kept row exactly once.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._util import acc_dtype, up
+
+
+def dispatch_fwd(x: torch.Tensor, slots: torch.Tensor, sources: torch.Tensor) -> torch.Tensor:
+    valid = sources >= 0
+    out = torch.zeros(sources.shape[0], x.shape[1], dtype=x.dtype, device=x.device)
+    out[valid] = x[sources[valid].long()]
+    return out
+
+
+def _gather_sum(y: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    T, k = slots.shape
+    acc = torch.zeros(T, y.shape[1], dtype=acc_dtype(y.dtype), device=y.device)
+    for j in range(k):  # fixed j order keeps the fp32 sum deterministic
+        s = slots[:, j]
+        valid = s >= 0
+        rows = up(y[s.clamp(min=0).long()])
+        w = valid.to(acc.dtype) if weights is None else torch.where(valid, up(weights[:, j]), 0.0)
+        acc += rows * w[:, None]
+    return acc
+
+
+def dispatch_bwd(grad_out: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    return _gather_sum(grad_out, slots, None).to(grad_out.dtype)
+
+
+def combine_fwd(y: torch.Tensor, weights: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    return _gather_sum(y, slots, weights).to(y.dtype)
+
+
+def combine_bwd(grad_out: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, slots: torch.Tensor,
+                need_y: bool, need_w: bool):
+    T, k = slots.shape
+    flat = slots.reshape(-1).long()
+    valid = flat >= 0
+    token = torch.arange(T, device=slots.device).repeat_interleave(k)
+    gy = gw = None
+    if need_y:
+        gy = torch.zeros_like(y)
+        contrib = up(grad_out)[token[valid]] * up(weights.reshape(-1)[valid])[:, None]
+        gy[flat[valid]] = contrib.to(y.dtype)
+    if need_w:
+        rows = up(y[flat.clamp(min=0)])
+        dots = (rows * up(grad_out)[token]).sum(-1)
+        gw = torch.where(valid, dots, 0.0).view(T, k).to(weights.dtype)
+    return gy, gw

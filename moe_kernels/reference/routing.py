@@ -1,0 +1,187 @@
+"""Reference top-k routing and dispatch-plan construction (the executable spec).
+
+Semantics (every backend reproduces the integer outputs bit-exactly):
+
+* scores = softmax(logits) or sigmoid(logits), computed in fp32;
+* top-k per token by score, ties to the lower expert id; the k ids of a token are ordered by
+  descending score (then ascending id);
+* weights = the k scores, divided by their sum when ``renormalize``;
+* assignments are numbered a = t*k + j (token-major). Dropless keeps them all. With a capacity C,
+  ``"position"`` keeps, per expert, the first C assignments in token order; ``"score"`` keeps the C
+  with the highest fp32 score (before renormalisation), ties to the lower token index;
+* kept assignments are grouped by expert, in token order inside an expert; each expert's segment
+  is padded up to a multiple of ``pad_to``; ``offsets`` is the exclusive prefix sum of the padded
+  segment sizes and ``counts`` the kept (unpadded) sizes;
+* the buffer has a static number of rows ``num_rows`` (see :func:`plan_num_rows`); rows that hold no
+  assignment (segment padding and the tail past ``offsets[E]``) have ``sources == -1``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._util import acc_dtype, up
+
+_EPS_DENOM = torch.finfo(torch.float32).tiny
+
+
+def resolve_capacity(num_tokens: int, k: int, num_experts: int, capacity, capacity_factor,
+                     min_capacity: int) -> int:
+    """Capacity per expert, or -1 for dropless."""
+    if capacity is not None:
+        return int(capacity)
+    if capacity_factor is not None:
+        return max(int(min_capacity), math.ceil(capacity_factor * num_tokens * k / num_experts))
+    return -1
+
+
+def plan_num_rows(num_tokens: int, k: int, num_experts: int, capacity: int, pad_to: int) -> int:
+    """Static row count of the expert-grouped buffer: an upper bound on ``offsets[E]``.
+
+    kept <= T*k (and <= E*min(C, T) with a capacity: an expert sees a token at most once);
+    padding adds at most pad_to-1 rows to each non-empty expert.
+    """
+    kept = num_tokens * k
+    if capacity >= 0:
+        per_expert = min(capacity, num_tokens)
+        kept = min(kept, num_experts * per_expert)
+    rows = kept + min(num_experts, kept) * (pad_to - 1)
+    if capacity >= 0:
+        rows = min(rows, num_experts * (-(-per_expert // pad_to) * pad_to))
+    return rows
+
+
+def compute_scores(logits: torch.Tensor, score: str) -> torch.Tensor:
+    lf = up(logits)
+    return torch.softmax(lf, dim=-1) if score == "softmax" else torch.sigmoid(lf)
+
+
+def topk_stable(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k with ties to the lower index: a stable descending sort keeps equal scores in id order."""
+    vals, idx = torch.sort(scores, dim=-1, descending=True, stable=True)
+    return vals[:, :k].contiguous(), idx[:, :k].contiguous()
+
+
+def _rank_in_expert(expert: torch.Tensor, order: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Rank of each assignment inside its expert, given an ordering grouped by expert."""
+    n = expert.numel()
+    pos = torch.empty(n, dtype=torch.int64, device=expert.device)
+    pos[order] = torch.arange(n, device=expert.device)
+    starts = torch.cumsum(counts, 0) - counts
+    return pos - starts[expert]
+
+
+def build_plan(topk_ids: torch.Tensor, topk_scores: torch.Tensor, num_experts: int, capacity: int,
+               drop_policy: str, pad_to: int, num_rows: int):
+    """counts, offsets, slots, sources, num_dropped from the top-k selection (see module docstring)."""
+    T, k = topk_ids.shape
+    dev = topk_ids.device
+    E = num_experts
+    expert = topk_ids.reshape(-1).to(torch.int64)  # assignment a = t*k + j
+    token = torch.arange(T, device=dev).repeat_interleave(k)
+
+    if capacity < 0:
+        keep = torch.ones_like(expert, dtype=torch.bool)
+    else:
+        all_counts = torch.bincount(expert, minlength=E)
+        if drop_policy == "position":
+            order = torch.sort(expert, stable=True).indices  # token order inside each expert
+        else:
+            # highest score first, ties by token order (stable sort on the token-ordered sequence)
+            by_score = torch.sort(topk_scores.reshape(-1), descending=True, stable=True).indices
+            order = by_score[torch.sort(expert[by_score], stable=True).indices]
+        keep = _rank_in_expert(expert, order, all_counts) < capacity
+
+    key = torch.where(keep, expert, torch.full_like(expert, E))  # dropped go to a sentinel bucket E
+    buckets = torch.bincount(key, minlength=E + 1)
+    counts = buckets[:E]
+    padded = (counts + (pad_to - 1)) // pad_to * pad_to
+    offsets = torch.zeros(E + 1, dtype=torch.int64, device=dev)
+    offsets[1:] = torch.cumsum(padded, 0)
+    order = torch.sort(key, stable=True).indices  # grouped by expert, token order inside
+    rank = _rank_in_expert(key, order, buckets)
+    slot = torch.where(keep, offsets[key] + rank, torch.full_like(expert, -1))
+
+    sources = torch.full((num_rows,), -1, dtype=torch.int32, device=dev)
+    kept_slots = slot[keep]
+    sources[kept_slots] = token[keep].to(torch.int32)
+    num_dropped = (~keep).sum()
+    return (counts.to(torch.int32), offsets.to(torch.int32), slot.view(T, k).to(torch.int32),
+            sources, num_dropped.to(torch.int64))
+
+
+def route_fwd(logits: torch.Tensor, k: int, score: str, renormalize: bool, capacity: int,
+              drop_policy: str, pad_to: int, num_rows: int):
+    scores = compute_scores(logits, score)
+    top_scores, top_ids = topk_stable(scores, k)
+    weights = top_scores
+    if renormalize:
+        weights = top_scores / top_scores.sum(-1, keepdim=True).clamp_min(_EPS_DENOM)
+    counts, offsets, slots, sources, num_dropped = build_plan(
+        top_ids, top_scores, logits.shape[1], capacity, drop_policy, pad_to, num_rows)
+    return (top_ids.to(torch.int32), weights, counts, offsets, slots, sources, num_dropped)
+
+
+def route_bwd(grad_weights: torch.Tensor, logits: torch.Tensor, topk_ids: torch.Tensor,
+              score: str, renormalize: bool) -> torch.Tensor:
+    """d loss / d logits from d loss / d topk_weights (fp32 math, result in logits.dtype)."""
+    g = up(grad_weights)
+    ids = topk_ids.long()
+    scores = compute_scores(logits, score)
+    top = scores.gather(1, ids)
+    if renormalize:
+        s = top.sum(-1, keepdim=True).clamp_min(_EPS_DENOM)
+        w = top / s
+        g = (g - (g * w).sum(-1, keepdim=True)) / s
+    dense = torch.zeros_like(scores).scatter_(1, ids, g)  # ids are distinct per token
+    if score == "softmax":
+        grad = scores * (dense - (dense * scores).sum(-1, keepdim=True))
+    else:
+        grad = dense * scores * (1.0 - scores)
+    return grad.to(logits.dtype)
+
+
+def task_logits(x: torch.Tensor, router_weight: torch.Tensor, task_ids, batch_task: int) -> torch.Tensor:
+    """logits[t] = x[t] @ router_weight[task(t)], in x.dtype."""
+    if batch_task >= 0:
+        return x @ router_weight[batch_task]
+    out = torch.empty(x.shape[0], router_weight.shape[2], dtype=x.dtype, device=x.device)
+    for m in torch.unique(task_ids).tolist():
+        rows = (task_ids == m).nonzero().squeeze(1)
+        out[rows] = x[rows] @ router_weight[m]
+    return out
+
+
+def task_logits_bwd(grad_logits: torch.Tensor, x: torch.Tensor, router_weight: torch.Tensor, task_ids,
+                    batch_task: int):
+    g = grad_logits.to(x.dtype)
+    if batch_task >= 0:
+        gw = torch.zeros_like(router_weight)
+        gw[batch_task] = x.t() @ g
+        return g @ router_weight[batch_task].t(), gw
+    gx = torch.empty_like(x)
+    gw = torch.zeros_like(router_weight)
+    for m in torch.unique(task_ids).tolist():
+        rows = (task_ids == m).nonzero().squeeze(1)
+        gx[rows] = g[rows] @ router_weight[m].t()
+        gw[m] = x[rows].t() @ g[rows]
+    return gx, gw
+
+
+def task_route_fwd(x, router_weight, task_ids, batch_task, k, score, renormalize, capacity,
+                   drop_policy, pad_to, num_rows):
+    logits = task_logits(x, router_weight, task_ids, batch_task)
+    return (logits,) + tuple(route_fwd(logits, k, score, renormalize, capacity, drop_policy, pad_to,
+                                       num_rows))
+
+
+def task_route_bwd(grad_logits, grad_weights, x, router_weight, task_ids, batch_task, logits, topk_ids,
+                   score, renormalize):
+    g = torch.zeros(logits.shape, dtype=acc_dtype(logits.dtype), device=logits.device)
+    if grad_logits is not None:
+        g += grad_logits.to(g.dtype)
+    if grad_weights is not None:
+        g += route_bwd(grad_weights, logits, topk_ids, score, renormalize).to(g.dtype)
+    return task_logits_bwd(g, x, router_weight, task_ids, batch_task)
