@@ -112,13 +112,15 @@ BACKENDS: dict[str, Backend] = {
         Backend("reference", ("cpu", "cuda", "meta", "xpu", "mps"),
                 "always available", _reference_probe),
         Backend("cpu", ("cpu",),
-                "install a C++ compiler (g++ >= 9) and ninja (`pip install ninja`); the extension "
-                "is built on first use", _cpu_probe),
+                "use a moe_kernels version whose csrc/ has the C++ kernels, with a C++ compiler "
+                "(g++ >= 9) and ninja (`pip install ninja`); the extension is then built on first use",
+                _cpu_probe),
         Backend("triton", ("cuda",),
                 "install triton and run on a CUDA GPU (or set TRITON_INTERPRET=1 for CPU tests)",
                 _triton_probe),
         Backend("cuda", ("cuda",),
-                "run on a CUDA GPU with a CUDA build of torch; build with MOE_KERNELS_BUILD_CUDA=1",
+                "run on a CUDA GPU with a CUDA build of torch and a moe_kernels version that ships "
+                "CUDA kernels",
                 _cuda_probe),
     )
 }

@@ -49,7 +49,7 @@ def _rec_bwd(ctx, grad):
     aux, weights, bias = list(saved[:n]), list(saved[n:2 * n]), list(saved[2 * n:2 * n + nb])
     gws, gbs = _reconcile_backward(grad.contiguous(), aux, weights, bias, *ctx.opts)
     # main gets the incoming gradient unchanged; the aux inputs get none (stop-gradient)
-    return grad, None, list(gws), (list(gbs) if nb else None), None, None
+    return grad, [None] * n, list(gws), list(gbs), None, None
 
 
 _reconcile.register_autograd(_rec_bwd, setup_context=_rec_setup)

@@ -18,6 +18,7 @@ from ..types import Routing
 SCORES = ("softmax", "sigmoid")
 DROP_POLICIES = ("position", "score")
 
+# (topk_weights, topk_ids, counts, offsets, slots, sources, num_dropped)
 _ROUTE_OUT = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
 
 
@@ -33,7 +34,7 @@ def _route(logits: Tensor, k: int, score: str, renormalize: bool, capacity: int,
 
 def _route_shapes(like: Tensor, T, k, E, num_rows):
     i32 = dict(dtype=torch.int32, device=like.device)
-    return (like.new_empty(T, k, **i32), like.new_empty(T, k, dtype=acc_dtype(like.dtype)),
+    return (like.new_empty(T, k, dtype=acc_dtype(like.dtype)), like.new_empty(T, k, **i32),
             like.new_empty(E, **i32), like.new_empty(E + 1, **i32), like.new_empty(T, k, **i32),
             like.new_empty(num_rows, **i32), like.new_empty((), dtype=torch.int64))
 
@@ -57,11 +58,11 @@ def _(grad_weights, logits, topk_ids, score, renormalize, backend):
 
 def _route_setup(ctx, inputs, output):
     logits, k, score, renormalize, *_rest, backend = inputs
-    ctx.save_for_backward(logits, output[0])
+    ctx.save_for_backward(logits, output[1])
     ctx.opts = (score, renormalize, backend)
 
 
-def _route_bwd(ctx, g_ids, g_weights, *unused):
+def _route_bwd(ctx, g_weights, *unused):
     if g_weights is None:
         return (None,) * 9
     logits, ids = ctx.saved_tensors
@@ -116,11 +117,11 @@ def _(grad_logits, grad_weights, x, router_weight, task_ids, batch_task, logits,
 
 def _task_route_setup(ctx, inputs, output):
     x, router_weight, task_ids, batch_task, k, score, renormalize, *_rest, backend = inputs
-    ctx.save_for_backward(x, router_weight, task_ids, output[0], output[1])
+    ctx.save_for_backward(x, router_weight, task_ids, output[0], output[2])
     ctx.opts = (batch_task, score, renormalize, backend)
 
 
-def _task_route_bwd(ctx, g_logits, g_ids, g_weights, *unused):
+def _task_route_bwd(ctx, g_logits, g_weights, *unused):
     if g_logits is None and g_weights is None:
         return (None,) * 12
     x, router_weight, task_ids, logits, ids = ctx.saved_tensors
@@ -136,6 +137,13 @@ _task_route.register_autograd(_task_route_bwd, setup_context=_task_route_setup)
 
 
 # ---------------------------------------------------------------- public API
+
+def _routing(outs, logits, score, capacity) -> Routing:
+    # op output order: weights first (float), then the integer plan
+    weights, ids, counts, offsets, slots, sources, num_dropped = outs
+    return Routing(topk_ids=ids, topk_weights=weights, counts=counts, offsets=offsets, slots=slots,
+                   sources=sources, num_dropped=num_dropped, logits=logits, score=score, capacity=capacity)
+
 
 def _check_options(op, k, E, *, score, renormalize, capacity, capacity_factor, min_capacity,
                    drop_policy, pad_to):
@@ -197,7 +205,7 @@ def route(logits: Tensor, k: int, *, score: str = "softmax", renormalize: bool =
     N = plan_num_rows(T, k, E, C, pad_to)
     name = resolve(op, logits.device, backend)
     outs = _route(logits, k, score, renormalize, C, drop_policy, pad_to, N, name)
-    return Routing(*outs, logits=logits, score=score, capacity=C)
+    return _routing(outs, logits, score, C)
 
 
 def task_route(x: Tensor, router_weight: Tensor, task_ids: Union[int, Tensor], k: int, *,
@@ -246,4 +254,4 @@ def task_route(x: Tensor, router_weight: Tensor, task_ids: Union[int, Tensor], k
     name = resolve(op, x.device, backend)
     logits, *outs = _task_route(x, router_weight, ids, batch_task, k, score, renormalize, C,
                                 drop_policy, pad_to, N, name)
-    return Routing(*outs, logits=logits, score=score, capacity=C)
+    return _routing(outs, logits, score, C)

@@ -121,7 +121,7 @@ def route_fwd(logits: torch.Tensor, k: int, score: str, renormalize: bool, capac
         weights = top_scores / top_scores.sum(-1, keepdim=True).clamp_min(_EPS_DENOM)
     counts, offsets, slots, sources, num_dropped = build_plan(
         top_ids, top_scores, logits.shape[1], capacity, drop_policy, pad_to, num_rows)
-    return (top_ids.to(torch.int32), weights, counts, offsets, slots, sources, num_dropped)
+    return (weights, top_ids.to(torch.int32), counts, offsets, slots, sources, num_dropped)
 
 
 def route_bwd(grad_weights: torch.Tensor, logits: torch.Tensor, topk_ids: torch.Tensor,

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Set up moe_kernels from nothing in ./.venv (idempotent: a second run only checks).
+#
+#   bash scripts/setup.sh          # torch (CPU wheel) + moe_kernels, editable
+#   bash scripts/setup.sh test     # + pytest, pytest-benchmark and DeepSpeed (parity tests)
+#   bash scripts/setup.sh bench    # + the benchmark peers: DeepSpeed, transformers, megatron-core
+#
+# torch is pinned (scripts/constraints.txt) and moe_kernels is installed without build isolation and
+# without dependency resolution, so no step can fetch a different (CUDA) torch.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+export PIP_CONSTRAINT="$PWD/scripts/constraints.txt" PIP_DISABLE_PIP_VERSION_CHECK=1
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+pip() { .venv/bin/python -m pip "$@"; }
+
+pip install -q torch==2.13.0
+pip install -q --no-build-isolation --no-deps -e .
+case "${1:-}" in
+  test)  pip install -q "pytest>=7" "pytest-benchmark>=4" "deepspeed==0.19.8" ;;
+  bench) pip install -q "pytest>=7" "pytest-benchmark>=4" "deepspeed==0.19.8" "transformers==5.23.0" \
+                        "megatron-core==0.16.1" ;;
+  "") ;;
+  *) echo "usage: bash scripts/setup.sh [test|bench]" >&2; exit 2 ;;
+esac
+.venv/bin/python -c "import torch, moe_kernels; print('moe_kernels', moe_kernels.__version__, '| torch', torch.__version__)"

@@ -1,0 +1,142 @@
+"""mk.grouped_gemm / mk.grouped_mlp / mk.moe_mlp against plain torch compositions."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import moe_kernels as mk
+
+from .helpers import TOL
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+ACTS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
+
+
+def _offsets(sizes, tail=0):
+    o = torch.zeros(len(sizes) + 1, dtype=torch.int32)
+    o[1:] = torch.tensor(sizes).cumsum(0)
+    return o, int(o[-1]) + tail
+
+
+SEGMENTS = [
+    ([3, 0, 5, 1, 0, 7, 2], 0),  # empty experts, prime E
+    ([0, 0, 13], 4),  # all rows to one expert, tail rows past offsets[E]
+    ([1], 0),  # one row, one expert
+    ([0, 0, 0], 2),  # no rows at all, only a tail
+]
+
+
+def _loop_gemm(x, o, w):
+    out = torch.zeros(x.shape[0], w.shape[2], dtype=x.dtype)
+    for e in range(w.shape[0]):
+        lo, hi = int(o[e]), int(o[e + 1])
+        out[lo:hi] = x[lo:hi] @ w[e]
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("seg", SEGMENTS, ids=str)
+def test_grouped_gemm(seg, dtype):
+    sizes, tail = seg
+    o, N = _offsets(sizes, tail)
+    torch.manual_seed(0)
+    x = torch.randn(N, 11).to(dtype)
+    w = torch.randn(len(sizes), 11, 6).to(dtype)
+    out = mk.grouped_gemm(x, o, w)
+    torch.testing.assert_close(out, _loop_gemm(x, o, w), **TOL[dtype])
+    assert (out[int(o[-1]):] == 0).all()
+
+
+@pytest.mark.parametrize("seg", SEGMENTS, ids=str)
+def test_grouped_gemm_gradcheck(seg):
+    sizes, tail = seg
+    o, N = _offsets(sizes, tail)
+    x = torch.randn(N, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(len(sizes), 4, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w: mk.grouped_gemm(x, o, w), (x, w))
+
+
+def _loop_mlp(x, o, w1, w2, act, b1, b2):
+    out = torch.zeros(x.shape[0], w2.shape[2], dtype=x.dtype)
+    for e in range(w1.shape[0]):
+        lo, hi = int(o[e]), int(o[e + 1])
+        z = x[lo:hi] @ w1[e] + (b1[e] if b1 is not None else 0)
+        if act == "swiglu":
+            a, b = z.chunk(2, -1)
+            h = F.silu(a) * b
+        else:
+            h = ACTS[act](z)
+        out[lo:hi] = h @ w2[e] + (b2[e] if b2 is not None else 0)
+    return out
+
+
+def _mlp_weights(E, d, h, act, bias, dtype, grad=False):
+    h1 = 2 * h if act == "swiglu" else h
+    kw = dict(dtype=dtype, requires_grad=grad)
+    w1 = (torch.randn(E, d, h1) / d ** 0.5).to(dtype).requires_grad_(grad)
+    w2 = (torch.randn(E, h, d) / h ** 0.5).to(dtype).requires_grad_(grad)
+    b1 = torch.randn(E, h1, **kw) if bias else None
+    b2 = torch.randn(E, d, **kw) if bias else None
+    return w1, w2, b1, b2
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("act", ["gelu", "relu", "silu", "swiglu"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_grouped_mlp_forward_backward(act, bias, dtype):
+    torch.manual_seed(1)
+    sizes, tail = SEGMENTS[0]
+    o, N = _offsets(sizes, 3)
+    E, d, h = len(sizes), 10, 12
+    x = torch.randn(N, d).to(dtype).requires_grad_()
+    params = _mlp_weights(E, d, h, act, bias, dtype, grad=True)
+    out = mk.grouped_mlp(x, o, params[0], params[1], act, params[2], params[3])
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [x] + [p for p in params if p is not None], g)
+
+    x2 = x.detach().double().requires_grad_()
+    p2 = [p.detach().double().requires_grad_() if p is not None else None for p in params]
+    want = _loop_mlp(x2, o, p2[0], p2[1], act, p2[2], p2[3])
+    grads2 = torch.autograd.grad(want, [x2] + [p for p in p2 if p is not None], g.double())
+    torch.testing.assert_close(out.double(), want, **TOL[dtype])
+    for a, b in zip(grads, grads2):
+        # gradients sum over up to N rows: allow a little more in low precision
+        tol = TOL[dtype] if dtype in (torch.float32, torch.float64) else {k: 3 * v for k, v in TOL[dtype].items()}
+        torch.testing.assert_close(a.double(), b, **tol)
+
+
+@pytest.mark.parametrize("act", ["gelu", "relu", "silu", "swiglu"])
+def test_grouped_mlp_gradcheck(act):
+    torch.manual_seed(2)
+    o, N = _offsets([2, 0, 3], 1)
+    x = torch.randn(N, 3, dtype=torch.float64, requires_grad=True)
+    w1, w2, b1, b2 = _mlp_weights(3, 3, 4, act, True, torch.float64, grad=True)
+    if act == "relu":  # keep pre-activations away from the kink at 0
+        with torch.no_grad():
+            b1.add_(torch.sign(b1) * 0.5)
+    assert torch.autograd.gradcheck(lambda *a: mk.grouped_mlp(a[0], o, a[1], a[2], act, a[3], a[4]),
+                                    (x, w1, w2, b1, b2))
+
+
+@pytest.mark.parametrize("mode", [dict(), dict(capacity=2), dict(pad_to=4)], ids=str)
+def test_moe_mlp_equals_dense_top_k_mixture(mode):
+    torch.manual_seed(3)
+    T, d, h, E, k = 21, 8, 16, 5, 2
+    x = torch.randn(T, d, requires_grad=True)
+    logits = torch.randn(T, E, requires_grad=True)
+    w1, w2, b1, b2 = _mlp_weights(E, d, h, "gelu", True, torch.float32, grad=True)
+    r = mk.route(logits, k, **mode)
+    out = mk.moe_mlp(x, r, w1, w2, "gelu", b1, b2)
+    # y[t] = sum over kept assignments of w * MLP_e(x_t), computed token by token
+    want = torch.zeros(T, d)
+    for t in range(T):
+        for j in range(k):
+            if int(r.slots[t, j]) >= 0:
+                e = int(r.topk_ids[t, j])
+                want[t] += r.topk_weights[t, j] * (F.gelu(x[t] @ w1[e] + b1[e]) @ w2[e] + b2[e])
+    torch.testing.assert_close(out, want, **TOL[torch.float32])
+    g = torch.randn_like(out)
+    ga = torch.autograd.grad(out, [x, logits, w1, w2, b1, b2], g, retain_graph=True)  # want shares the route node
+    gb = torch.autograd.grad(want, [x, logits, w1, w2, b1, b2], g)
+    for a, b in zip(ga, gb):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)  # fp32, different summation orders
