@@ -206,3 +206,10 @@ def test_task_route_unused_router_gets_zero_grad():
     r = mk.task_route(x, W, torch.tensor([0, 2] * 5), 2)
     r.topk_weights.sum().backward()
     assert W.grad is not None and float(W.grad[1].abs().sum()) == 0.0
+
+
+def test_capacity_factor_is_exact_in_decimal():
+    # 1.1 * 25 * 2 / 5 = 11 exactly; binary floating point gives 11.000000000000002
+    assert mk.route(torch.zeros(25, 5), 2, capacity_factor=1.1).capacity == 11
+    assert mk.route(torch.zeros(25, 5), 2, capacity_factor=1.11).capacity == 12
+    assert mk.route(torch.zeros(10, 4), 1, capacity_factor=0.1, min_capacity=2).capacity == 2

@@ -19,6 +19,7 @@ Semantics (every backend reproduces the integer outputs bit-exactly):
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import torch
 
@@ -29,11 +30,17 @@ _EPS_DENOM = torch.finfo(torch.float32).tiny
 
 def resolve_capacity(num_tokens: int, k: int, num_experts: int, capacity, capacity_factor,
                      min_capacity: int) -> int:
-    """Capacity per expert, or -1 for dropless."""
+    """Capacity per expert, or -1 for dropless.
+
+    ``capacity_factor`` is taken at its shortest decimal representation (``1.1`` means 11/10) and
+    the ceiling is exact: in binary floating point 1.1 * 50 / 5 is 11.000000000000002, which would
+    round up to 12 where the user means 11.
+    """
     if capacity is not None:
         return int(capacity)
     if capacity_factor is not None:
-        return max(int(min_capacity), math.ceil(capacity_factor * num_tokens * k / num_experts))
+        exact = Fraction(repr(float(capacity_factor))) * num_tokens * k / num_experts
+        return max(int(min_capacity), math.ceil(exact))
     return -1
 
 
