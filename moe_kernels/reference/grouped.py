@@ -2,21 +2,18 @@
 
 Rows [offsets[e], offsets[e+1]) belong to expert e; rows at and past offsets[E] produce zeros and
 get zero gradient. GEMMs run in the input dtype (fp32 accumulation inside ATen for bf16/fp16);
-activations are evaluated in fp32 and cast back. Backward recomputes the hidden activation per
+activations use ATen's fused kernels (fp32 internal math for bf16/fp16). Backward recomputes the hidden activation per
 expert instead of keeping it (memory: nothing but the inputs is saved).
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
+import torch.nn.functional as F
 
 from ._util import acc_dtype, up
 
 ACTIVATIONS = ("gelu", "relu", "silu", "swiglu")
-_INV_SQRT2 = 1.0 / math.sqrt(2.0)
-_INV_SQRT2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 
 def segments(offsets: torch.Tensor):
@@ -24,46 +21,40 @@ def segments(offsets: torch.Tensor):
     return [(e, o[e], o[e + 1]) for e in range(len(o) - 1) if o[e + 1] > o[e]]
 
 
-# ---- activations: forward and derivative, fp32 math ----
+# ---- activations: forward and derivative ----
+# ATen's fused kernels compute exactly these formulas (gelu: exact erf form, 0.5 z (1 + erf(z/√2));
+# silu: z σ(z)) with fp32 internal math for bf16/fp16, in one pass over the data.
 
 def act_fwd(z: torch.Tensor, activation: str) -> torch.Tensor:
-    zf = up(z)
     if activation == "gelu":
-        h = 0.5 * zf * (1.0 + torch.erf(zf * _INV_SQRT2))
-    elif activation == "relu":
-        h = torch.relu(zf)
-    elif activation == "silu":
-        h = zf * torch.sigmoid(zf)
-    elif activation == "swiglu":
-        a, b = zf.chunk(2, dim=-1)
-        h = a * torch.sigmoid(a) * b
-    elif activation == "none":
-        h = zf
-    else:
-        raise ValueError(f"unknown activation {activation!r}")
-    return h.to(z.dtype)
+        return F.gelu(z)
+    if activation == "relu":
+        return F.relu(z)
+    if activation == "silu":
+        return F.silu(z)
+    if activation == "swiglu":  # silu(gate) * up, gate = first half of the columns
+        a, b = z.chunk(2, dim=-1)
+        return F.silu(a) * b
+    if activation == "none":
+        return z
+    raise ValueError(f"unknown activation {activation!r}")
 
 
 def act_bwd(z: torch.Tensor, grad_h: torch.Tensor, activation: str) -> torch.Tensor:
     """d loss / d z given d loss / d act(z)."""
-    zf, g = up(z), up(grad_h)
+    g = grad_h.to(z.dtype)
     if activation == "gelu":
-        d = 0.5 * (1.0 + torch.erf(zf * _INV_SQRT2)) + zf * torch.exp(-0.5 * zf * zf) * _INV_SQRT2PI
-        gz = g * d
-    elif activation == "relu":
-        gz = torch.where(zf > 0, g, 0.0)
-    elif activation == "silu":
-        s = torch.sigmoid(zf)
-        gz = g * s * (1.0 + zf * (1.0 - s))
-    elif activation == "swiglu":
-        a, b = zf.chunk(2, dim=-1)
-        s = torch.sigmoid(a)
-        gz = torch.cat([g * b * s * (1.0 + a * (1.0 - s)), g * a * s], dim=-1)
-    elif activation == "none":
-        gz = g
-    else:
-        raise ValueError(f"unknown activation {activation!r}")
-    return gz.to(z.dtype)
+        return torch.ops.aten.gelu_backward(g, z)
+    if activation == "relu":
+        return torch.ops.aten.threshold_backward(g, z, 0)
+    if activation == "silu":
+        return torch.ops.aten.silu_backward(g, z)
+    if activation == "swiglu":
+        a, b = z.chunk(2, dim=-1)
+        return torch.cat([torch.ops.aten.silu_backward(g * b, a), g * F.silu(a)], dim=-1)
+    if activation == "none":
+        return g
+    raise ValueError(f"unknown activation {activation!r}")
 
 
 # ---- grouped GEMM ----

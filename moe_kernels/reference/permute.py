@@ -15,10 +15,10 @@ from ._util import acc_dtype, up
 
 
 def dispatch_fwd(x: torch.Tensor, slots: torch.Tensor, sources: torch.Tensor) -> torch.Tensor:
-    valid = sources >= 0
-    out = torch.zeros(sources.shape[0], x.shape[1], dtype=x.dtype, device=x.device)
-    out[valid] = x[sources[valid].long()]
-    return out
+    if x.shape[0] == 0:  # then every row is padding
+        return x.new_zeros(sources.shape[0], x.shape[1])
+    out = x.index_select(0, sources.clamp(min=0).long())
+    return out.masked_fill_((sources < 0).unsqueeze(1), 0)
 
 
 def _gather_sum(y: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
@@ -27,7 +27,7 @@ def _gather_sum(y: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor | No
     for j in range(k):  # fixed j order keeps the fp32 sum deterministic
         s = slots[:, j]
         valid = s >= 0
-        rows = up(y[s.clamp(min=0).long()])
+        rows = up(y.index_select(0, s.clamp(min=0).long()))
         w = valid.to(acc.dtype) if weights is None else torch.where(valid, up(weights[:, j]), 0.0)
         acc += rows * w[:, None]
     return acc
@@ -53,7 +53,7 @@ def combine_bwd(grad_out: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, 
         contrib = up(grad_out)[token[valid]] * up(weights.reshape(-1)[valid])[:, None]
         gy[flat[valid]] = contrib.to(y.dtype)
     if need_w:
-        rows = up(y[flat.clamp(min=0)])
+        rows = up(y.index_select(0, flat.clamp(min=0)))
         dots = (rows * up(grad_out)[token]).sum(-1)
         gw = torch.where(valid, dots, 0.0).view(T, k).to(weights.dtype)
     return gy, gw
