@@ -118,3 +118,17 @@ def test_bf16_layer_runs_and_tracks_fp32():
     same = (o.routing.topk_ids == layer(x).routing.topk_ids).all(1)
     assert same.float().mean() > 0.8
     torch.testing.assert_close(o.output[same].float(), ref[same], rtol=5e-2, atol=5e-2)
+
+
+def test_compile_as_the_first_call_of_a_process():
+    """The first call probes the backends (imports, a one-time warning): that must not break a
+    fullgraph trace. A fresh process, so no earlier test has done the probing."""
+    import subprocess
+    import sys
+
+    code = ("import torch, moe_kernels as mk\n"
+            "m = torch.compile(mk.nn.MoE(16, 16, 4, 2, num_tasks=2), fullgraph=True)\n"
+            "o = m(torch.randn(10, 16), 1)\n"
+            "assert o.output.shape == (10, 16)\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]

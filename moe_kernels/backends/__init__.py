@@ -144,7 +144,17 @@ def requested_backend(backend: str | None) -> tuple[str | None, str]:
 
 
 def resolve(op: str, device: torch.device, backend: str | None = None) -> str:
-    """Name of the backend that runs ``op`` for tensors on ``device``."""
+    """Name of the backend that runs ``op`` for tensors on ``device``.
+
+    Under ``torch.compile`` this runs eagerly at trace time and its answer is a constant of the
+    graph (probing a backend imports modules and may warn, which dynamo cannot trace).
+    """
+    return _resolve(op, device.type, backend)
+
+
+@torch.compiler.assume_constant_result
+def _resolve(op: str, device_type: str, backend: str | None) -> str:
+    device = torch.device(device_type)
     name, source = requested_backend(backend)
     if name is not None:
         if name not in BACKENDS:

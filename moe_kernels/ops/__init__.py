@@ -7,3 +7,7 @@ from .losses import (load_balancing_loss, mutual_information_ema_update, mutual_
 from .permute import combine, dispatch
 from .reconcile import reconcile
 from .routing import route, task_route
+
+__all__ = ["combine", "dispatch", "grouped_gemm", "grouped_mlp", "load_balancing_loss", "moe_mlp",
+           "mutual_information_ema_update", "mutual_information_loss", "mutual_information_loss_ema",
+           "reconcile", "route", "task_route", "z_loss"]

@@ -9,8 +9,7 @@ from torch import Tensor
 
 from .._validation import (FLOAT_DTYPES, check, check_choice, check_offsets, check_same_device,
                            check_tensor)
-from ..backends import resolve
-from ..backends import get_kernel
+from ..backends import get_kernel, resolve
 from ..reference.grouped import ACTIVATIONS
 from ..types import Routing
 from .permute import combine, dispatch

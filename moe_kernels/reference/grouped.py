@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._util import acc_dtype, up
+from ._util import up
 
 ACTIVATIONS = ("gelu", "relu", "silu", "swiglu")
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ._util import acc_dtype, up
+from ._util import up
 
 from .grouped import act_bwd, act_fwd
 

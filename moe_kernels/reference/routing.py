@@ -18,7 +18,6 @@ Semantics (every backend reproduces the integer outputs bit-exactly):
 
 from __future__ import annotations
 
-import math
 from fractions import Fraction
 
 import torch
@@ -39,9 +38,17 @@ def resolve_capacity(num_tokens: int, k: int, num_experts: int, capacity, capaci
     if capacity is not None:
         return int(capacity)
     if capacity_factor is not None:
-        exact = Fraction(repr(float(capacity_factor))) * num_tokens * k / num_experts
-        return max(int(min_capacity), math.ceil(exact))
+        p, q = _decimal_ratio(float(capacity_factor))
+        # ceil(p*T*k / (q*E)) in integers: also valid for symbolic T under torch.compile
+        return max(int(min_capacity), -((-p * num_tokens * k) // (q * num_experts)))
     return -1
+
+
+@torch.compiler.assume_constant_result
+def _decimal_ratio(x: float) -> tuple[int, int]:
+    """``x`` as the exact ratio of its shortest decimal representation (computed outside any trace)."""
+    f = Fraction(repr(x))
+    return f.numerator, f.denominator
 
 
 def plan_num_rows(num_tokens: int, k: int, num_experts: int, capacity: int, pad_to: int) -> int:
