@@ -78,3 +78,12 @@ def test_backend_name_reaches_the_kernel(monkeypatch):
     monkeypatch.setitem(ref.kernels, "dispatch", lambda *a: calls.append(1) or orig(*a))
     mk.dispatch(torch.randn(5, 3), mk.route(L, 1), backend="reference")
     assert calls == [1]
+
+
+def test_resolve_can_ask_without_warning(monkeypatch):
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    monkeypatch.setattr(backends, "_warned_fallback", set())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        name = resolve("route", torch.device("cpu"), warn=False)
+    assert name in BACKENDS and not caught

@@ -132,3 +132,12 @@ def test_compile_as_the_first_call_of_a_process():
             "assert o.output.shape == (10, 16)\n")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
+
+
+def test_zero_coefficients_skip_their_losses_and_router_runs_in_fp32():
+    layer = mk.nn.MoE(8, 8, 4, 2, load_balancing_coef=0.0, z_loss_coef=0.0).to(torch.bfloat16)
+    o = layer(torch.randn(12, 8, dtype=torch.bfloat16))
+    assert o.losses == {} and float(o.aux_loss) == 0.0
+    assert o.routing.logits.dtype == torch.float32  # router_dtype default: fp32 (few bf16 ties)
+    o2 = mk.nn.MoE(8, 8, 4, 2, router_dtype=None).to(torch.bfloat16)(torch.randn(12, 8, dtype=torch.bfloat16))
+    assert o2.routing.logits.dtype == torch.bfloat16

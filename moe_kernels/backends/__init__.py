@@ -143,17 +143,18 @@ def requested_backend(backend: str | None) -> tuple[str | None, str]:
     return None, ""
 
 
-def resolve(op: str, device: torch.device, backend: str | None = None) -> str:
+def resolve(op: str, device: torch.device, backend: str | None = None, *, warn: bool = True) -> str:
     """Name of the backend that runs ``op`` for tensors on ``device``.
 
-    Under ``torch.compile`` this runs eagerly at trace time and its answer is a constant of the
-    graph (probing a backend imports modules and may warn, which dynamo cannot trace).
+    ``warn=False`` only asks (no one-time fallback warning). Under ``torch.compile`` this runs
+    eagerly at trace time and its answer is a constant of the graph (probing a backend imports
+    modules and may warn, which dynamo cannot trace).
     """
-    return _resolve(op, device.type, backend)
+    return _resolve(op, device.type, backend, warn)
 
 
 @torch.compiler.assume_constant_result
-def _resolve(op: str, device_type: str, backend: str | None) -> str:
+def _resolve(op: str, device_type: str, backend: str | None, warn: bool = True) -> str:
     device = torch.device(device_type)
     name, source = requested_backend(backend)
     if name is not None:
@@ -181,7 +182,7 @@ def _resolve(op: str, device_type: str, backend: str | None) -> str:
     for cand in prefs:
         b = BACKENDS[cand]
         if device.type in b.devices and b.available and op in b.kernels:
-            if cand == "reference" and len(prefs) > 1 and device.type not in _warned_fallback:
+            if warn and cand == "reference" and len(prefs) > 1 and device.type not in _warned_fallback:
                 _warned_fallback.add(device.type)
                 why = "; ".join(f"{p}: {BACKENDS[p].reason}" for p in prefs[:-1])
                 warnings.warn(

@@ -56,7 +56,10 @@ class MoE(nn.Module):
         mi_loss: ``"ema"`` (MTHL Eq. 5, buffer in the state dict) or ``"batch"`` (Mod-Squad,
             Eq. 3). The MI loss is computed on the sparse top-k gates, as in MTHL's Eq. 2.
         mi_momentum: EMA momentum of the ``"ema"`` form.
+        router_dtype: dtype of the router product (default fp32, as DeepSpeed and Megatron-core do:
+            bf16 logits tie often and flip the expert choice); ``None`` uses the input's dtype.
         backend: force a backend for every op of the layer.
+        A coefficient of 0 skips computing that loss (it is then absent from ``losses``).
 
     Example:
         >>> moe = MoE(dim=64, hidden=128, num_experts=8, k=2)
@@ -70,7 +73,8 @@ class MoE(nn.Module):
                  pad_to: int = 1, score: str = "softmax", renormalize: bool = True, bias: bool = True,
                  out_dim: Optional[int] = None, load_balancing_coef: float = 1e-2,
                  z_loss_coef: float = 1e-3, mi_coef: float = 1e-2, mi_loss: str = "ema",
-                 mi_momentum: float = 0.98, backend: Optional[str] = None, device=None, dtype=None):
+                 mi_momentum: float = 0.98, router_dtype: Optional[torch.dtype] = torch.float32,
+                 backend: Optional[str] = None, device=None, dtype=None):
         super().__init__()
         op = "nn.MoE"
         for name, v in (("dim", dim), ("hidden", hidden), ("num_experts", num_experts),
@@ -89,6 +93,7 @@ class MoE(nn.Module):
                                   drop_policy=drop_policy, pad_to=pad_to)
         self.load_balancing_coef, self.z_loss_coef, self.mi_coef = load_balancing_coef, z_loss_coef, mi_coef
         self.backend = backend
+        self.router_dtype = router_dtype
         fk = dict(device=device, dtype=dtype)
         h1 = 2 * hidden if activation == "swiglu" else hidden
         self.router_weight = nn.Parameter(torch.empty(num_tasks, dim, num_experts, **fk))
@@ -143,20 +148,25 @@ class MoE(nn.Module):
         lead = tuple(x.shape[:-1])
         x2 = x.reshape(-1, self.dim)
         tasks = self._token_tasks(task_ids, lead)
+        xr, wr = x2, self.router_weight
+        if self.router_dtype is not None:
+            xr, wr = x2.to(self.router_dtype), wr.to(self.router_dtype)
         if self.num_tasks == 1:
-            routing = route(x2 @ self.router_weight[0], self.k, backend=self.backend, **self.route_options)
+            routing = route(xr @ wr[0], self.k, backend=self.backend, **self.route_options)
         else:
-            routing = task_route(x2, self.router_weight, tasks, self.k, backend=self.backend,
-                                 **self.route_options)
+            routing = task_route(xr, wr, tasks, self.k, backend=self.backend, **self.route_options)
         y = moe_mlp(x2, routing, self.w1, self.w2, self.activation, self.b1, self.b2,
                     backend=self.backend)
 
-        losses = {"load_balancing": load_balancing_loss(routing.logits, routing, backend=self.backend)}
-        aux = self.load_balancing_coef * losses["load_balancing"]
+        losses = {}
+        aux = y.new_zeros((), dtype=torch.float32)
+        if self.load_balancing_coef:
+            losses["load_balancing"] = load_balancing_loss(routing.logits, routing, backend=self.backend)
+            aux = aux + self.load_balancing_coef * losses["load_balancing"]
         if self.z_loss_coef:
             losses["z_loss"] = z_loss(routing.logits, backend=self.backend)
             aux = aux + self.z_loss_coef * losses["z_loss"]
-        if self.num_tasks > 1:
+        if self.num_tasks > 1 and self.mi_coef:
             gates = routing.dense_weights()
             if self.mutual_information is not None:
                 mi = self.mutual_information(gates, tasks, backend=self.backend)
