@@ -104,3 +104,14 @@ def test_empty_batch():
     assert out.shape == (0, 6)
     out.sum().backward()
     assert x.grad.shape == (0, 6)
+
+
+def test_dropped_assignments_contribute_exactly_zero_even_next_to_inf():
+    logits = torch.tensor([[5.0, 0.0], [4.0, 0.0], [3.0, 0.0]])
+    r = mk.route(logits, 1, capacity=1)  # tokens 1 and 2 are dropped
+    y = torch.full((r.num_rows, 3), float("inf"))
+    out = mk.combine(y, r)
+    assert torch.isinf(out[0]).all() and (out[1:] == 0).all()
+    x = torch.randn(3, 3, requires_grad=True)
+    mk.dispatch(x, r).backward(torch.full((r.num_rows, 3), float("inf")))
+    assert (x.grad[1:] == 0).all()

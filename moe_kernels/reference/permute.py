@@ -28,8 +28,10 @@ def _gather_sum(y: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor | No
         s = slots[:, j]
         valid = s >= 0
         rows = up(y.index_select(0, s.clamp(min=0).long()))
-        w = valid.to(acc.dtype) if weights is None else torch.where(valid, up(weights[:, j]), 0.0)
-        acc += rows * w[:, None]
+        if weights is not None:
+            rows = rows * up(weights[:, j])[:, None]
+        # select, don't multiply by 0: a dropped slot's stand-in row may hold inf or NaN
+        acc += torch.where(valid[:, None], rows, 0.0)
     return acc
 
 
