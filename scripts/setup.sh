@@ -15,6 +15,7 @@ export PIP_CONSTRAINT="$PWD/scripts/constraints.txt" PIP_DISABLE_PIP_VERSION_CHE
 pip() { .venv/bin/python -m pip "$@"; }
 
 pip install -q torch==2.13.0
+pip install -q ninja  # JIT build of the C++ CPU kernels on first use
 pip install -q --no-build-isolation --no-deps -e .
 case "${1:-}" in
   test)  pip install -q "pytest>=7" "pytest-benchmark>=4" "deepspeed==0.19.8" ;;

@@ -58,16 +58,30 @@ def test_environment_variable_is_an_explicit_request(monkeypatch):
 def test_fallback_to_reference_says_so_once(monkeypatch):
     monkeypatch.delenv(backends.ENV_VAR, raising=False)
     monkeypatch.setattr(backends, "_warned_fallback", set())
-    if BACKENDS["cpu"].available:
-        pytest.skip("a fast CPU backend exists: no fallback")
+    cpu = BACKENDS["cpu"]
+    # an op the cpu backend cannot serve: any op when it is unavailable, else one it lacks
+    missing = [op for op in ("route", "grouped_gemm", "reconcile", "z_loss")
+               if not cpu.available or op not in cpu.kernels]
+    if not missing:
+        pytest.skip("the cpu backend implements every op: nothing falls back")
+    op = missing[0]
+    calls = {
+        "route": lambda: mk.route(L, 1),
+        "grouped_gemm": lambda: mk.grouped_gemm(torch.randn(4, 3), torch.tensor([0, 4], dtype=torch.int32),
+                                                torch.randn(1, 3, 2)),
+        "reconcile": lambda: mk.reconcile(torch.randn(4, 3), [torch.randn(4, 2)], [torch.randn(2, 3)]),
+        "z_loss": lambda: mk.z_loss(L),
+    }
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        mk.route(L, 1)
-        mk.route(L, 2)
-        mk.dispatch(torch.randn(5, 3), mk.route(L, 1))
+        calls[op]()
+        calls[op]()
+        for other in missing[1:]:
+            calls[other]()
     msgs = [str(w.message) for w in caught if "reference backend" in str(w.message)]
     assert len(msgs) == 1, msgs
-    assert "cpu:" in msgs[0]
+    assert f"'{op}'" in msgs[0]
+    assert ("without a kernel" in msgs[0]) if cpu.available else (cpu.reason in msgs[0])
 
 
 def test_backend_name_reaches_the_kernel(monkeypatch):

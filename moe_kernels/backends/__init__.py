@@ -112,8 +112,8 @@ BACKENDS: dict[str, Backend] = {
         Backend("reference", ("cpu", "cuda", "meta", "xpu", "mps"),
                 "always available", _reference_probe),
         Backend("cpu", ("cpu",),
-                "use a moe_kernels version whose csrc/ has the C++ kernels, with a C++ compiler "
-                "(g++ >= 9) and ninja (`pip install ninja`); the extension is then built on first use",
+                "install a C++ compiler (g++ >= 9) and ninja (`pip install ninja`): the extension is "
+                "built on first use and cached (or build it ahead of time with MOE_KERNELS_BUILD_OPS=1)",
                 _cpu_probe),
         Backend("triton", ("cuda",),
                 "install triton and run on a CUDA GPU (or set TRITON_INTERPRET=1 for CPU tests)",
@@ -184,10 +184,13 @@ def _resolve(op: str, device_type: str, backend: str | None, warn: bool = True) 
         if device.type in b.devices and b.available and op in b.kernels:
             if warn and cand == "reference" and len(prefs) > 1 and device.type not in _warned_fallback:
                 _warned_fallback.add(device.type)
-                why = "; ".join(f"{p}: {BACKENDS[p].reason}" for p in prefs[:-1])
+                why = "; ".join(f"{p}: " + (f"available, but without a kernel for '{op}' yet"
+                                             if BACKENDS[p].available else BACKENDS[p].reason)
+                                for p in prefs[:-1])
                 warnings.warn(
-                    f"moe_kernels: no faster backend for {device.type} tensors ({why}); using the "
-                    f"pure-PyTorch reference backend. Set {ENV_VAR}=reference to silence this.",
+                    f"moe_kernels: no faster backend for '{op}' on {device.type} tensors ({why}); "
+                    f"using the pure-PyTorch reference backend for it and for any other op without a "
+                    f"faster kernel (said once). Set {ENV_VAR}=reference to silence this.",
                     stacklevel=3)
             return cand
     raise BackendUnavailableError(f"moe_kernels.{op}: no backend serves {device.type} tensors")

@@ -1,0 +1,27 @@
+// Declarations of every CPU launcher (the binding file registers each one).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <string>
+#include <tuple>
+#include <vector>
+
+namespace moe_kernels {
+namespace cpu {
+
+// -> {topk_weights, topk_ids, counts, offsets, slots, sources, num_dropped}
+std::vector<at::Tensor> route_fwd(const at::Tensor& logits, int64_t k, const std::string& score,
+                                  bool renormalize, int64_t capacity, const std::string& drop_policy,
+                                  int64_t pad_to, int64_t num_rows);
+
+at::Tensor dispatch_fwd(const at::Tensor& x, const at::Tensor& slots, const at::Tensor& sources);
+at::Tensor dispatch_bwd(const at::Tensor& grad_out, const at::Tensor& slots);
+at::Tensor combine_fwd(const at::Tensor& y, const at::Tensor& weights, const at::Tensor& slots);
+// undefined tensors where not needed
+std::tuple<at::Tensor, at::Tensor> combine_bwd(const at::Tensor& grad_out, const at::Tensor& y,
+                                               const at::Tensor& weights, const at::Tensor& slots,
+                                               bool need_y, bool need_w);
+
+}  // namespace cpu
+}  // namespace moe_kernels

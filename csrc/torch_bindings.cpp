@@ -1,0 +1,14 @@
+// The one file that exposes the compiled kernels to Python (moe_kernels/cpu_backend.py maps them to
+// op names; the ops' schemas, autograd and fake implementations live in moe_kernels/ops/).
+#include <torch/extension.h>
+
+#include "cpu/ops.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "moe_kernels compiled CPU kernels";
+  m.def("route_fwd", &moe_kernels::cpu::route_fwd, "top-k routing + dispatch plan");
+  m.def("dispatch_fwd", &moe_kernels::cpu::dispatch_fwd, "gather tokens into expert-grouped rows");
+  m.def("dispatch_bwd", &moe_kernels::cpu::dispatch_bwd, "sum the k copies of each token's gradient");
+  m.def("combine_fwd", &moe_kernels::cpu::combine_fwd, "weighted gather-sum of expert rows");
+  m.def("combine_bwd", &moe_kernels::cpu::combine_bwd, "gradients of combine w.r.t. rows and weights");
+}

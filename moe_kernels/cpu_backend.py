@@ -1,0 +1,28 @@
+"""The ``cpu`` backend's kernel table: compiled C++ kernels (csrc/cpu/) behind the op names.
+
+Ops without a native kernel yet are absent, so automatic choice uses the reference for them (see
+:mod:`moe_kernels.backends`); a backward whose forward is native is always present, here the
+reference formula where it is already one ATen pass (``route_backward``).
+"""
+
+from __future__ import annotations
+
+from .reference import routing as _ref_routing
+
+
+def make_kernels(ext) -> dict:
+    def route(logits, k, score, renormalize, capacity, drop_policy, pad_to, num_rows):
+        return tuple(ext.route_fwd(logits, k, score, renormalize, capacity, drop_policy, pad_to, num_rows))
+
+    def combine_backward(grad_out, y, weights, slots, need_y, need_w):
+        gy, gw = ext.combine_bwd(grad_out, y, weights, slots, need_y, need_w)
+        return (gy if need_y else None), (gw if need_w else None)
+
+    return {
+        "route": route,
+        "route_backward": _ref_routing.route_bwd,
+        "dispatch": ext.dispatch_fwd,
+        "dispatch_backward": ext.dispatch_bwd,
+        "combine": ext.combine_fwd,
+        "combine_backward": combine_backward,
+    }

@@ -1,0 +1,147 @@
+"""The compiled ``cpu`` backend against the reference: plans and data movement bit-exact, floating
+results within per-dtype tolerances, gradients, and identical results for 1 and 2 threads.
+
+CI sets MOE_KERNELS_REQUIRE_CPU=1: there a missing backend fails instead of skipping."""
+
+import os
+
+import pytest
+import torch
+
+import moe_kernels as mk
+from moe_kernels.backends import BACKENDS
+
+from .helpers import ODD_SHAPES, TOL, assert_exact
+
+CPU = BACKENDS["cpu"]
+if os.environ.get("MOE_KERNELS_REQUIRE_CPU") == "1":
+    assert CPU.available, f"the cpu backend must build here: {CPU.reason}"
+pytestmark = pytest.mark.skipif(not CPU.available, reason=f"cpu backend unavailable: {CPU.reason}")
+
+PLAN = ("topk_ids", "counts", "offsets", "slots", "sources", "num_dropped")
+MODES = [dict(), dict(capacity=2), dict(capacity=3, drop_policy="score"), dict(capacity_factor=1.0),
+         dict(pad_to=4), dict(capacity=2, pad_to=3, drop_policy="score"), dict(score="sigmoid"),
+         dict(renormalize=False, capacity=1)]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+
+
+def _both(fn):
+    return fn("reference"), fn("cpu")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", MODES, ids=str)
+@pytest.mark.parametrize("shape", [s for s, _ in ODD_SHAPES], ids=[n for _, n in ODD_SHAPES])
+def test_route_matches_reference(shape, mode, dtype):
+    T, E, k = shape
+    torch.manual_seed(T + 7 * E + k)
+    logits = torch.randn(T, E).to(dtype)
+    ref, cpu = _both(lambda b: mk.route(logits, k, backend=b, **mode))
+    for name in PLAN:
+        assert_exact(getattr(cpu, name), getattr(ref, name), name)
+    # renormalisation divides by the sum of k scores, which ATen and the C++ loop add in different
+    # orders: the sums differ by at most (k-1) ulp relative, the quotient by one more rounding
+    eps = torch.finfo(ref.topk_weights.dtype).eps
+    torch.testing.assert_close(cpu.topk_weights, ref.topk_weights, rtol=(k + 1) * eps, atol=0)
+
+
+@pytest.mark.parametrize("policy", ["position", "score"])
+def test_route_ties_and_one_expert(policy):
+    logits = torch.zeros(50, 6)
+    logits[:, 2] = 1.0  # every token: expert 2 first, then ties among the rest -> lowest ids
+    logits[::3, 4] = 1.0  # ties for the top score too
+    ref, cpu = _both(lambda b: mk.route(logits, 3, capacity=7, drop_policy=policy, backend=b))
+    for name in PLAN:
+        assert_exact(getattr(cpu, name), getattr(ref, name), name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", [dict(), dict(capacity=2, pad_to=4)], ids=str)
+@pytest.mark.parametrize("shape", [(1, 4, 1), (37, 7, 2), (129, 8, 4), (64, 13, 13)], ids=str)
+def test_dispatch_combine_forward_backward_match_reference(shape, mode, dtype):
+    T, E, k = shape
+    torch.manual_seed(3)
+    r = mk.route(torch.randn(T, E), k, **mode)
+    x = torch.randn(T, 19).to(dtype)
+    y = torch.randn(r.num_rows, 19).to(dtype)
+    g_rows, g_tok = torch.randn(r.num_rows, 19).to(dtype), torch.randn(T, 19).to(dtype)
+
+    def run(b):
+        xx, yy = x.clone().requires_grad_(), y.clone().requires_grad_()
+        w = r.topk_weights.detach().clone().requires_grad_()
+        xe = mk.dispatch(xx, r, backend=b)
+        out = mk.combine(yy, r, weights=w, backend=b)
+        xe.backward(g_rows)
+        out.backward(g_tok)
+        return xe, out, xx.grad, yy.grad, w.grad
+
+    ref, cpu = _both(run)
+    assert_exact(cpu[0], ref[0], "dispatch")
+    # built with -ffp-contract=off, the C++ sums perform the reference's roundings in its order
+    assert_exact(cpu[1], ref[1], "combine")
+    assert_exact(cpu[2], ref[2], "dispatch backward")
+    assert_exact(cpu[3], ref[3], "combine backward (rows)")
+    torch.testing.assert_close(cpu[4], ref[4], **TOL[torch.float32 if dtype != torch.float64 else dtype])
+
+
+def test_thread_count_does_not_change_results():
+    torch.manual_seed(4)
+    logits = torch.randn(1000, 13)
+    x = torch.randn(1000, 33)
+    outs = []
+    before = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            for mode in (dict(), dict(capacity=100, drop_policy="score"), dict(capacity_factor=0.9, pad_to=8)):
+                r = mk.route(logits, 3, backend="cpu", **mode)
+                y = mk.dispatch(x, r, backend="cpu")
+                outs.append((n, [getattr(r, f) for f in PLAN] + [r.topk_weights, y,
+                                                                 mk.combine(y, r, backend="cpu")]))
+    finally:
+        torch.set_num_threads(before)
+    per_thread = {}
+    for n, o in outs:
+        per_thread.setdefault(n, []).append(o)
+    for n in (2, 3):
+        for a, b in zip(per_thread[1], per_thread[n]):
+            for u, v in zip(a, b):
+                assert torch.equal(u, v), f"{n} threads differ from 1 thread"
+
+
+def test_moe_layer_on_cpu_backend_matches_reference(monkeypatch):
+    """Automatic choice: native cpu kernels where they exist, the reference elsewhere."""
+    monkeypatch.delenv("MOE_KERNELS_BACKEND", raising=False)
+    assert mk.backends.resolve("route", torch.device("cpu"), warn=False) == "cpu"
+    torch.manual_seed(5)
+    layer = mk.nn.MoE(16, 24, 7, 2, capacity_factor=1.25, pad_to=4)
+    x = torch.randn(3, 11, 16)
+    outs = {}
+    for b in ("reference", None):
+        layer.backend = b
+        layer.zero_grad()
+        o = layer(x)
+        (o.output.square().mean() + o.aux_loss).backward()
+        outs[b] = (o.output.detach(), [p.grad.clone() for p in layer.parameters()])
+    assert_exact(outs[None][0], outs["reference"][0], "layer output")
+    for a, b in zip(outs[None][1], outs["reference"][1]):
+        torch.testing.assert_close(a, b, **TOL[torch.float32])
+
+
+def test_opcheck_cpu_kernels():
+    r = mk.route(torch.randn(9, 5), 2, capacity=3, pad_to=2)
+    ops = torch.ops.moe_kernels
+    x = torch.randn(9, 6, requires_grad=True)
+    y = torch.randn(r.num_rows, 6, requires_grad=True)
+    w = r.topk_weights.detach().clone().requires_grad_()
+    lg = torch.randn(9, 5, requires_grad=True)
+    torch.library.opcheck(ops.route, (lg, 2, "softmax", True, 3, "score", 2, r.num_rows, "cpu"))
+    torch.library.opcheck(ops.dispatch, (x, r.slots, r.sources, "cpu"))
+    torch.library.opcheck(ops.combine, (y, w, r.slots, "cpu"))
+
+
+def test_every_native_forward_has_its_backward():
+    ref = BACKENDS["reference"].kernels
+    for op in CPU.kernels:
+        if not op.endswith("_backward") and f"{op}_backward" in ref:
+            assert f"{op}_backward" in CPU.kernels, op
