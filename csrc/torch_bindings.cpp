@@ -11,4 +11,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dispatch_bwd", &moe_kernels::cpu::dispatch_bwd, "sum the k copies of each token's gradient");
   m.def("combine_fwd", &moe_kernels::cpu::combine_fwd, "weighted gather-sum of expert rows");
   m.def("combine_bwd", &moe_kernels::cpu::combine_bwd, "gradients of combine w.r.t. rows and weights");
+  m.def("grouped_gemm_fwd", &moe_kernels::cpu::grouped_gemm_fwd, "per-expert GEMM over row segments");
+  m.def("grouped_gemm_bwd", &moe_kernels::cpu::grouped_gemm_bwd, "grouped GEMM backward");
+  m.def("grouped_mlp_fwd", &moe_kernels::cpu::grouped_mlp_fwd, "per-expert MLP over row segments");
+  m.def("grouped_mlp_bwd", &moe_kernels::cpu::grouped_mlp_bwd, "grouped MLP backward");
 }

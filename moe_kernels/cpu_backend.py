@@ -18,6 +18,17 @@ def make_kernels(ext) -> dict:
         gy, gw = ext.combine_bwd(grad_out, y, weights, slots, need_y, need_w)
         return (gy if need_y else None), (gw if need_w else None)
 
+    def grouped_gemm_backward(grad_out, x, offsets, w, need_x, need_w):
+        gx, gw = ext.grouped_gemm_bwd(grad_out, x, offsets, w, need_x, need_w)
+        return (gx if need_x else None), (gw if need_w else None)
+
+    def grouped_mlp(x, offsets, w1, w2, b1, b2, activation):
+        return tuple(ext.grouped_mlp_fwd(x, offsets, w1, w2, b1, b2, activation))
+
+    def grouped_mlp_backward(grad_out, x, z, offsets, w1, w2, b1, b2, activation):
+        gx, gw1, gw2, gb1, gb2 = ext.grouped_mlp_bwd(grad_out, x, z, offsets, w1, w2, b1, b2, activation)
+        return gx, gw1, gw2, (gb1 if b1 is not None else None), (gb2 if b2 is not None else None)
+
     return {
         "route": route,
         "route_backward": _ref_routing.route_bwd,
@@ -25,4 +36,8 @@ def make_kernels(ext) -> dict:
         "dispatch_backward": ext.dispatch_bwd,
         "combine": ext.combine_fwd,
         "combine_backward": combine_backward,
+        "grouped_gemm": ext.grouped_gemm_fwd,
+        "grouped_gemm_backward": grouped_gemm_backward,
+        "grouped_mlp": grouped_mlp,
+        "grouped_mlp_backward": grouped_mlp_backward,
     }

@@ -3,6 +3,7 @@
 
 #include <ATen/ATen.h>
 
+#include <optional>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -22,6 +23,22 @@ at::Tensor combine_fwd(const at::Tensor& y, const at::Tensor& weights, const at:
 std::tuple<at::Tensor, at::Tensor> combine_bwd(const at::Tensor& grad_out, const at::Tensor& y,
                                                const at::Tensor& weights, const at::Tensor& slots,
                                                bool need_y, bool need_w);
+
+at::Tensor grouped_gemm_fwd(const at::Tensor& x, const at::Tensor& offsets, const at::Tensor& w);
+std::tuple<at::Tensor, at::Tensor> grouped_gemm_bwd(const at::Tensor& grad_out, const at::Tensor& x,
+                                                    const at::Tensor& offsets, const at::Tensor& w,
+                                                    bool need_x, bool need_w);
+// -> {out, z}: z = x @ w1 + b1, the pre-activation kept for backward
+std::tuple<at::Tensor, at::Tensor> grouped_mlp_fwd(const at::Tensor& x, const at::Tensor& offsets,
+                                                   const at::Tensor& w1, const at::Tensor& w2,
+                                                   const std::optional<at::Tensor>& b1,
+                                                   const std::optional<at::Tensor>& b2,
+                                                   const std::string& act);
+// -> {gx, gw1, gw2, gb1, gb2} (bias gradients undefined without biases)
+std::vector<at::Tensor> grouped_mlp_bwd(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& z,
+                                        const at::Tensor& offsets, const at::Tensor& w1, const at::Tensor& w2,
+                                        const std::optional<at::Tensor>& b1,
+                                        const std::optional<at::Tensor>& b2, const std::string& act);
 
 }  // namespace cpu
 }  // namespace moe_kernels

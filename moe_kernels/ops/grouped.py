@@ -65,29 +65,31 @@ _grouped_gemm.register_autograd(_gg_bwd, setup_context=_gg_setup)
 
 # ---------------------------------------------------------------- grouped_mlp
 
+# outputs: (y [N, d_out], z [N, h1]); z, the pre-activation, is saved for backward (not differentiable)
 @torch.library.custom_op("moe_kernels::grouped_mlp", mutates_args=())
 def _grouped_mlp(x: Tensor, offsets: Tensor, w1: Tensor, w2: Tensor, b1: Optional[Tensor],
-                 b2: Optional[Tensor], activation: str, backend: str) -> Tensor:
+                 b2: Optional[Tensor], activation: str, backend: str) -> tuple[Tensor, Tensor]:
     check_offsets(offsets, x.shape[0], "grouped_mlp")
-    return get_kernel(backend, "grouped_mlp")(x, offsets, w1, w2, b1, b2, activation)
+    y, z = get_kernel(backend, "grouped_mlp")(x, offsets, w1, w2, b1, b2, activation)
+    return y, z
 
 
 @_grouped_mlp.register_fake
 def _(x, offsets, w1, w2, b1, b2, activation, backend):
-    return x.new_empty(x.shape[0], w2.shape[2])
+    return x.new_empty(x.shape[0], w2.shape[2]), x.new_empty(x.shape[0], w1.shape[2])
 
 
 @torch.library.custom_op("moe_kernels::grouped_mlp_backward", mutates_args=())
-def _grouped_mlp_backward(grad_out: Tensor, x: Tensor, offsets: Tensor, w1: Tensor, w2: Tensor,
-                          b1: Optional[Tensor], b2: Optional[Tensor], activation: str,
+def _grouped_mlp_backward(grad_out: Tensor, x: Tensor, z: Tensor, offsets: Tensor, w1: Tensor,
+                          w2: Tensor, b1: Optional[Tensor], b2: Optional[Tensor], activation: str,
                           backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     gx, gw1, gw2, gb1, gb2 = get_kernel(backend, "grouped_mlp_backward")(
-        grad_out, x, offsets, w1, w2, b1, b2, activation)
+        grad_out, x, z, offsets, w1, w2, b1, b2, activation)
     return gx, gw1, gw2, _empty_if_none(gb1, w1), _empty_if_none(gb2, w2)
 
 
 @_grouped_mlp_backward.register_fake
-def _(grad_out, x, offsets, w1, w2, b1, b2, activation, backend):
+def _(grad_out, x, z, offsets, w1, w2, b1, b2, activation, backend):
     return (torch.empty_like(x), torch.empty_like(w1), torch.empty_like(w2),
             torch.empty_like(b1) if b1 is not None else w1.new_empty(0),
             torch.empty_like(b2) if b2 is not None else w2.new_empty(0))
@@ -95,13 +97,14 @@ def _(grad_out, x, offsets, w1, w2, b1, b2, activation, backend):
 
 def _gm_setup(ctx, inputs, output):
     x, offsets, w1, w2, b1, b2, activation, backend = inputs
-    ctx.save_for_backward(x, offsets, w1, w2, b1, b2)
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(x, output[1], offsets, w1, w2, b1, b2)
     ctx.opts = (activation, backend)
 
 
-def _gm_bwd(ctx, grad):
-    x, offsets, w1, w2, b1, b2 = ctx.saved_tensors
-    gx, gw1, gw2, gb1, gb2 = _grouped_mlp_backward(grad.contiguous(), x, offsets, w1, w2, b1, b2,
+def _gm_bwd(ctx, grad, _grad_z):
+    x, z, offsets, w1, w2, b1, b2 = ctx.saved_tensors
+    gx, gw1, gw2, gb1, gb2 = _grouped_mlp_backward(grad.contiguous(), x, z, offsets, w1, w2, b1, b2,
                                                    *ctx.opts)
     return (gx, None, gw1, gw2, gb1 if b1 is not None else None, gb2 if b2 is not None else None,
             None, None)
@@ -175,12 +178,13 @@ def grouped_mlp(x: Tensor, offsets: Tensor, w1: Tensor, w2: Tensor, activation: 
         activation: ``"gelu"`` (exact, erf), ``"relu"``, ``"silu"`` or ``"swiglu"``.
 
     Returns:
-        ``[N, d_out]``. One autograd node: backward recomputes the hidden activation per expert.
+        ``[N, d_out]``. One autograd node; it keeps the pre-activation ``x @ w1 + b1`` for backward
+        and recomputes only the elementwise activation there (6 GEMMs, as a dense MLP).
     """
     op = "grouped_mlp"
     _check_mlp(op, x, w1, w2, b1, b2, activation)
     _check_offsets_meta(offsets, w1.shape[0], op, x)
-    return _grouped_mlp(x, offsets, w1, w2, b1, b2, activation, resolve(op, x.device, backend))
+    return _grouped_mlp(x, offsets, w1, w2, b1, b2, activation, resolve(op, x.device, backend))[0]
 
 
 def moe_mlp(x: Tensor, routing: Routing, w1: Tensor, w2: Tensor, activation: str = "gelu",

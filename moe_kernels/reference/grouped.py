@@ -2,8 +2,10 @@
 
 Rows [offsets[e], offsets[e+1]) belong to expert e; rows at and past offsets[E] produce zeros and
 get zero gradient. GEMMs run in the input dtype (fp32 accumulation inside ATen for bf16/fp16);
-activations use ATen's fused kernels (fp32 internal math for bf16/fp16). Backward recomputes the hidden activation per
-expert instead of keeping it (memory: nothing but the inputs is saved).
+activations use ATen's fused kernels (fp32 internal math for bf16/fp16).
+The grouped MLP keeps its pre-activation z = x @ w1 + b1 ([N, h] or [N, 2h]) for backward, which
+recomputes only the cheap elementwise act(z): 6 GEMMs like a dense MLP, and one saved [N, h] tensor
+where a dense MLP under autograd keeps two (z and act(z)).
 """
 
 from __future__ import annotations
@@ -88,30 +90,32 @@ def _hidden(x_e, w1_e, b1_e):
     return z
 
 
-def grouped_mlp_fwd(x, offsets, w1, w2, b1, b2, activation: str) -> torch.Tensor:
+def grouped_mlp_fwd(x, offsets, w1, w2, b1, b2, activation: str):
+    """-> (out [N, d_out], z [N, h1]: the pre-activation, kept for backward; zero past offsets[E])."""
     out = torch.zeros(x.shape[0], w2.shape[2], dtype=x.dtype, device=x.device)
+    z = torch.zeros(x.shape[0], w1.shape[2], dtype=x.dtype, device=x.device)
     for e, lo, hi in segments(offsets):
-        h = act_fwd(_hidden(x[lo:hi], w1[e], None if b1 is None else b1[e]), activation)
+        z_e = z[lo:hi]
+        z_e.copy_(_hidden(x[lo:hi], w1[e], None if b1 is None else b1[e]))
         y = out[lo:hi]
-        torch.matmul(h, w2[e], out=y)
+        torch.matmul(act_fwd(z_e, activation), w2[e], out=y)
         if b2 is not None:
             y += b2[e]
-    return out
+    return out, z
 
 
-def grouped_mlp_bwd(grad_out, x, offsets, w1, w2, b1, b2, activation: str):
+def grouped_mlp_bwd(grad_out, x, z, offsets, w1, w2, b1, b2, activation: str):
     gx = torch.zeros_like(x)
     gw1, gw2 = torch.zeros_like(w1), torch.zeros_like(w2)
     gb1 = torch.zeros_like(b1) if b1 is not None else None
     gb2 = torch.zeros_like(b2) if b2 is not None else None
     for e, lo, hi in segments(offsets):
-        x_e, g = x[lo:hi], grad_out[lo:hi]
-        z = _hidden(x_e, w1[e], None if b1 is None else b1[e])  # recomputed, not saved
-        h = act_fwd(z, activation)
+        x_e, g, z_e = x[lo:hi], grad_out[lo:hi], z[lo:hi]
+        h = act_fwd(z_e, activation)  # elementwise recompute from the saved pre-activation
         torch.matmul(h.t(), g, out=gw2[e])
         if gb2 is not None:
             gb2[e] = up(g).sum(0).to(gb2.dtype)
-        gz = act_bwd(z, g @ w2[e].t(), activation)
+        gz = act_bwd(z_e, g @ w2[e].t(), activation)
         torch.matmul(x_e.t(), gz, out=gw1[e])
         if gb1 is not None:
             gb1[e] = up(gz).sum(0).to(gb1.dtype)

@@ -1,0 +1,171 @@
+// CPU launchers: grouped GEMM and grouped expert MLP over row segments, forward and backward.
+//
+// Each expert's GEMMs run on views of its segment (no copies) with ATen's GEMM (oneDNN/MKL, which
+// parallelises internally) writing in place through the out= variants; per-call scratch for the
+// hidden activation is allocated once at the size of the largest segment and reused by every
+// expert. The sequence of ATen calls per expert is the reference's, so results match it exactly.
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "ops.h"
+
+namespace moe_kernels {
+namespace cpu {
+
+namespace {
+
+struct Segment {
+  int64_t e, lo, n;
+};
+
+std::vector<Segment> segments(const at::Tensor& offsets) {
+  const at::Tensor o = offsets.to(at::kLong).contiguous();
+  const int64_t* p = o.data_ptr<int64_t>();
+  std::vector<Segment> segs;
+  for (int64_t e = 0; e + 1 < o.numel(); ++e)
+    if (p[e + 1] > p[e]) segs.push_back({e, p[e], p[e + 1] - p[e]});
+  return segs;
+}
+
+int64_t max_rows(const std::vector<Segment>& segs) {
+  int64_t m = 0;
+  for (const auto& s : segs) m = std::max(m, s.n);
+  return m;
+}
+
+int64_t used_rows(const at::Tensor& offsets) { return offsets[-1].item<int64_t>(); }
+
+// h = act(z), into `h` (same shape as act's output)
+void act_fwd(const at::Tensor& z, const std::string& act, at::Tensor& h) {
+  if (act == "gelu") {
+    at::gelu_out(h, z);
+  } else if (act == "relu") {
+    at::clamp_min_out(h, z, 0);
+  } else if (act == "silu") {
+    at::silu_out(h, z);
+  } else if (act == "swiglu") {
+    const int64_t half = z.size(1) / 2;
+    at::silu_out(h, z.narrow(1, 0, half));
+    h.mul_(z.narrow(1, half, half));
+  } else {
+    TORCH_CHECK(false, "moe_kernels cpu: unknown activation ", act);
+  }
+}
+
+// d loss / d z from d loss / d act(z) = gh, into `gz` (z's shape)
+void act_bwd(const at::Tensor& z, const at::Tensor& gh, const std::string& act, at::Tensor& gz) {
+  if (act == "gelu") {
+    at::gelu_backward_out(gz, gh, z);
+  } else if (act == "relu") {
+    at::threshold_backward_out(gz, gh, z, 0);
+  } else if (act == "silu") {
+    at::silu_backward_out(gz, gh, z);
+  } else {  // swiglu: h = silu(a) * b
+    const int64_t half = z.size(1) / 2;
+    const at::Tensor a = z.narrow(1, 0, half), b = z.narrow(1, half, half);
+    at::Tensor ga = gz.narrow(1, 0, half), gb = gz.narrow(1, half, half);
+    at::silu_backward_out(ga, gh * b, a);
+    at::mul_out(gb, gh, at::silu(a));
+  }
+}
+
+}  // namespace
+
+at::Tensor grouped_gemm_fwd(const at::Tensor& x, const at::Tensor& offsets, const at::Tensor& w) {
+  at::Tensor out = at::empty({x.size(0), w.size(2)}, x.options());
+  const int64_t used = used_rows(offsets);
+  out.narrow(0, used, x.size(0) - used).zero_();
+  for (const auto& s : segments(offsets)) {
+    at::Tensor o = out.narrow(0, s.lo, s.n);
+    at::mm_out(o, x.narrow(0, s.lo, s.n), w[s.e]);
+  }
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> grouped_gemm_bwd(const at::Tensor& grad_out, const at::Tensor& x,
+                                                    const at::Tensor& offsets, const at::Tensor& w,
+                                                    bool need_x, bool need_w) {
+  at::Tensor gx, gw;
+  if (need_x) {
+    gx = at::empty_like(x);
+    const int64_t used = used_rows(offsets);
+    gx.narrow(0, used, x.size(0) - used).zero_();
+  }
+  if (need_w) gw = at::zeros_like(w);  // experts without rows get zero gradient
+  for (const auto& s : segments(offsets)) {
+    const at::Tensor g = grad_out.narrow(0, s.lo, s.n);
+    if (need_x) {
+      at::Tensor o = gx.narrow(0, s.lo, s.n);
+      at::mm_out(o, g, w[s.e].t());
+    }
+    if (need_w) {
+      at::Tensor o = gw[s.e];
+      at::mm_out(o, x.narrow(0, s.lo, s.n).t(), g);
+    }
+  }
+  return {gx, gw};
+}
+
+std::tuple<at::Tensor, at::Tensor> grouped_mlp_fwd(const at::Tensor& x, const at::Tensor& offsets,
+                                                   const at::Tensor& w1, const at::Tensor& w2,
+                                                   const std::optional<at::Tensor>& b1,
+                                                   const std::optional<at::Tensor>& b2,
+                                                   const std::string& act) {
+  const int64_t N = x.size(0), h1 = w1.size(2), h = w2.size(1);
+  at::Tensor out = at::empty({N, w2.size(2)}, x.options());
+  at::Tensor z = at::empty({N, h1}, x.options());
+  const int64_t used = used_rows(offsets);
+  out.narrow(0, used, N - used).zero_();
+  z.narrow(0, used, N - used).zero_();
+  const auto segs = segments(offsets);
+  at::Tensor hbuf = at::empty({max_rows(segs), h}, x.options());  // reused by every expert
+  for (const auto& s : segs) {
+    at::Tensor z_e = z.narrow(0, s.lo, s.n), h_e = hbuf.narrow(0, 0, s.n), y_e = out.narrow(0, s.lo, s.n);
+    at::mm_out(z_e, x.narrow(0, s.lo, s.n), w1[s.e]);
+    if (b1) z_e.add_((*b1)[s.e]);
+    act_fwd(z_e, act, h_e);
+    at::mm_out(y_e, h_e, w2[s.e]);
+    if (b2) y_e.add_((*b2)[s.e]);
+  }
+  return {out, z};
+}
+
+std::vector<at::Tensor> grouped_mlp_bwd(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& z,
+                                        const at::Tensor& offsets, const at::Tensor& w1, const at::Tensor& w2,
+                                        const std::optional<at::Tensor>& b1,
+                                        const std::optional<at::Tensor>& b2, const std::string& act) {
+  const int64_t N = x.size(0), h1 = w1.size(2), h = w2.size(1);
+  at::Tensor gx = at::empty_like(x);
+  const int64_t used = used_rows(offsets);
+  gx.narrow(0, used, N - used).zero_();
+  at::Tensor gw1 = at::zeros_like(w1), gw2 = at::zeros_like(w2);
+  at::Tensor gb1 = b1 ? at::zeros_like(*b1) : at::Tensor(), gb2 = b2 ? at::zeros_like(*b2) : at::Tensor();
+  const auto segs = segments(offsets);
+  const int64_t m = max_rows(segs);
+  at::Tensor hbuf = at::empty({m, h}, x.options()), ghbuf = at::empty({m, h}, x.options());
+  at::Tensor gzbuf = at::empty({m, h1}, x.options());
+  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  for (const auto& s : segs) {
+    const at::Tensor x_e = x.narrow(0, s.lo, s.n), g = grad_out.narrow(0, s.lo, s.n), z_e = z.narrow(0, s.lo, s.n);
+    at::Tensor h_e = hbuf.narrow(0, 0, s.n), gh = ghbuf.narrow(0, 0, s.n), gz = gzbuf.narrow(0, 0, s.n);
+    act_fwd(z_e, act, h_e);  // elementwise recompute from the saved pre-activation
+    at::Tensor gw2_e = gw2[s.e];
+    at::mm_out(gw2_e, h_e.t(), g);
+    if (b2) gb2[s.e].copy_(g.to(acc).sum(0));
+    at::mm_out(gh, g, w2[s.e].t());
+    act_bwd(z_e, gh, act, gz);
+    at::Tensor gw1_e = gw1[s.e];
+    at::mm_out(gw1_e, x_e.t(), gz);
+    if (b1) gb1[s.e].copy_(gz.to(acc).sum(0));
+    at::Tensor gx_e = gx.narrow(0, s.lo, s.n);
+    at::mm_out(gx_e, gz, w1[s.e].t());
+  }
+  return {gx, gw1, gw2, gb1, gb2};
+}
+
+}  // namespace cpu
+}  // namespace moe_kernels
