@@ -97,8 +97,10 @@ def _jit_build():
             extra_cflags=cflags, extra_ldflags=ldflags, build_directory=str(build),
             verbose=os.environ.get("MOE_KERNELS_VERBOSE_BUILD") == "1")
     except Exception as exc:  # compiler errors, missing headers: report, fall back
-        first = str(exc).strip().splitlines()[:3]
-        return None, (f"the JIT build in {build} failed: {' | '.join(first)} "
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        errors = [ln for ln in lines if "error" in ln.lower() and not ln.startswith(("c++ ", "[", "FAILED"))]
+        shown = (errors or lines)[:3]
+        return None, (f"the JIT build in {build} failed: {' | '.join(shown)} "
                       "(MOE_KERNELS_VERBOSE_BUILD=1 shows the compiler output)")
     return mod, f"JIT-built with ninja, cached in {build}"
 

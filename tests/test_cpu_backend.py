@@ -88,6 +88,7 @@ def test_thread_count_does_not_change_results():
     torch.manual_seed(4)
     logits = torch.randn(1000, 13)
     x = torch.randn(1000, 33)
+    w1_all, w2_all = torch.randn(13, 33, 2 * 17), torch.randn(13, 17, 33)
     outs = []
     before = torch.get_num_threads()
     try:
@@ -96,7 +97,10 @@ def test_thread_count_does_not_change_results():
             for mode in (dict(), dict(capacity=100, drop_policy="score"), dict(capacity_factor=0.9, pad_to=8)):
                 r = mk.route(logits, 3, backend="cpu", **mode)
                 y = mk.dispatch(x, r, backend="cpu")
-                outs.append((n, [getattr(r, f) for f in PLAN] + [r.topk_weights, y,
+                w1 = w1_all.requires_grad_()
+                h = mk.grouped_mlp(y, r.offsets, w1, w2_all, "swiglu", backend="cpu")
+                (gw1,) = torch.autograd.grad(h.square().sum(), w1)
+                outs.append((n, [getattr(r, f) for f in PLAN] + [r.topk_weights, y, h, gw1,
                                                                  mk.combine(y, r, backend="cpu")]))
     finally:
         torch.set_num_threads(before)
@@ -198,5 +202,8 @@ def test_grouped_mlp_matches_reference(seg, bias, act, dtype):
         return [out, xx.grad] + [p.grad for p in ps if p is not None]
 
     ref, cpu = _both(run)
+    # The same ATen calls as the reference, but experts may run concurrently with one thread each:
+    # ATen's elementwise activations then split their work differently, and where a vector-width
+    # remainder falls decides whether an element takes the vector or the scalar exp (an ulp apart).
     for i, (a, b) in enumerate(zip(cpu, ref)):
-        assert_exact(a, b, f"output {i}")  # the reference's ATen calls, in its order
+        torch.testing.assert_close(a, b, **TOL[dtype], msg=f"output {i}")

@@ -5,7 +5,11 @@
 // hidden activation is allocated once at the size of the largest segment and reused by every
 // expert. The sequence of ATen calls per expert is the reference's, so results match it exactly.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/core/GradMode.h>
 
+#include <array>
+#include <atomic>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -38,6 +42,27 @@ int64_t max_rows(const std::vector<Segment>& segs) {
 }
 
 int64_t used_rows(const at::Tensor& offsets) { return offsets[-1].item<int64_t>(); }
+
+// Run body(segment, scratch) for every segment. With at least two segments per thread, experts run
+// concurrently, each GEMM on one thread, handed out dynamically (segments differ in size);
+// otherwise one after another with ATen's multithreaded GEMM. at::parallel_for (not a raw OpenMP
+// region) rethrows the workers' exceptions instead of terminating the process.
+// `make_scratch` builds one worker's scratch.
+template <typename MakeScratch, typename Body>
+void for_each_segment(const std::vector<Segment>& segs, MakeScratch make_scratch, Body body) {
+  const int64_t nt = at::get_num_threads(), ns = static_cast<int64_t>(segs.size());
+  if (nt > 1 && ns >= 2 * nt) {
+    std::atomic<int64_t> next{0};
+    at::parallel_for(0, nt, 1, [&](int64_t, int64_t) {
+      c10::NoGradGuard no_grad;  // grad mode is thread-local: the workers start with it on
+      auto scratch = make_scratch();
+      for (int64_t i = next++; i < ns; i = next++) body(segs[i], scratch);
+    });
+  } else {
+    auto scratch = make_scratch();
+    for (const auto& s : segs) body(s, scratch);
+  }
+}
 
 // h = act(z), into `h` (same shape as act's output)
 void act_fwd(const at::Tensor& z, const std::string& act, at::Tensor& h) {
@@ -122,15 +147,17 @@ std::tuple<at::Tensor, at::Tensor> grouped_mlp_fwd(const at::Tensor& x, const at
   out.narrow(0, used, N - used).zero_();
   z.narrow(0, used, N - used).zero_();
   const auto segs = segments(offsets);
-  at::Tensor hbuf = at::empty({max_rows(segs), h}, x.options());  // reused by every expert
-  for (const auto& s : segs) {
+  const int64_t m = max_rows(segs);
+  // scratch for the hidden activation: one per thread, reused by each expert it runs
+  auto scratch = [&] { return at::empty({m, h}, x.options()); };
+  for_each_segment(segs, scratch, [&](const Segment& s, at::Tensor& hbuf) {
     at::Tensor z_e = z.narrow(0, s.lo, s.n), h_e = hbuf.narrow(0, 0, s.n), y_e = out.narrow(0, s.lo, s.n);
     at::mm_out(z_e, x.narrow(0, s.lo, s.n), w1[s.e]);
     if (b1) z_e.add_((*b1)[s.e]);
     act_fwd(z_e, act, h_e);
     at::mm_out(y_e, h_e, w2[s.e]);
     if (b2) y_e.add_((*b2)[s.e]);
-  }
+  });
   return {out, z};
 }
 
@@ -146,12 +173,14 @@ std::vector<at::Tensor> grouped_mlp_bwd(const at::Tensor& grad_out, const at::Te
   at::Tensor gb1 = b1 ? at::zeros_like(*b1) : at::Tensor(), gb2 = b2 ? at::zeros_like(*b2) : at::Tensor();
   const auto segs = segments(offsets);
   const int64_t m = max_rows(segs);
-  at::Tensor hbuf = at::empty({m, h}, x.options()), ghbuf = at::empty({m, h}, x.options());
-  at::Tensor gzbuf = at::empty({m, h1}, x.options());
   const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  for (const auto& s : segs) {
+  auto scratch = [&] {
+    return std::array<at::Tensor, 3>{at::empty({m, h}, x.options()), at::empty({m, h}, x.options()),
+                                     at::empty({m, h1}, x.options())};
+  };
+  for_each_segment(segs, scratch, [&](const Segment& s, std::array<at::Tensor, 3>& buf) {
     const at::Tensor x_e = x.narrow(0, s.lo, s.n), g = grad_out.narrow(0, s.lo, s.n), z_e = z.narrow(0, s.lo, s.n);
-    at::Tensor h_e = hbuf.narrow(0, 0, s.n), gh = ghbuf.narrow(0, 0, s.n), gz = gzbuf.narrow(0, 0, s.n);
+    at::Tensor h_e = buf[0].narrow(0, 0, s.n), gh = buf[1].narrow(0, 0, s.n), gz = buf[2].narrow(0, 0, s.n);
     act_fwd(z_e, act, h_e);  // elementwise recompute from the saved pre-activation
     at::Tensor gw2_e = gw2[s.e];
     at::mm_out(gw2_e, h_e.t(), g);
@@ -163,7 +192,7 @@ std::vector<at::Tensor> grouped_mlp_bwd(const at::Tensor& grad_out, const at::Te
     if (b1) gb1[s.e].copy_(gz.to(acc).sum(0));
     at::Tensor gx_e = gx.narrow(0, s.lo, s.n);
     at::mm_out(gx_e, gz, w1[s.e].t());
-  }
+  });
   return {gx, gw1, gw2, gb1, gb2};
 }
 
