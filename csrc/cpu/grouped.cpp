@@ -43,6 +43,17 @@ int64_t max_rows(const std::vector<Segment>& segs) {
 
 int64_t used_rows(const at::Tensor& offsets) { return offsets[-1].item<int64_t>(); }
 
+// A per-expert gradient [E, ...] whose experts with rows are all overwritten by out= GEMMs: only the
+// experts without rows need zeros (zero-filling all of it cost 13% of a step at E=64).
+at::Tensor expert_grad_like(const at::Tensor& w, const std::vector<Segment>& segs) {
+  at::Tensor g = at::empty_like(w);
+  std::vector<bool> has_rows(w.size(0), false);
+  for (const auto& s : segs) has_rows[s.e] = true;
+  for (int64_t e = 0; e < w.size(0); ++e)
+    if (!has_rows[e]) g[e].zero_();
+  return g;
+}
+
 // Run body(segment, scratch) for every segment. With at least two segments per thread, experts run
 // concurrently, each GEMM on one thread, handed out dynamically (segments differ in size);
 // otherwise one after another with ATen's multithreaded GEMM. at::parallel_for (not a raw OpenMP
@@ -115,13 +126,14 @@ std::tuple<at::Tensor, at::Tensor> grouped_gemm_bwd(const at::Tensor& grad_out, 
                                                     const at::Tensor& offsets, const at::Tensor& w,
                                                     bool need_x, bool need_w) {
   at::Tensor gx, gw;
+  const auto segs = segments(offsets);
   if (need_x) {
     gx = at::empty_like(x);
     const int64_t used = used_rows(offsets);
     gx.narrow(0, used, x.size(0) - used).zero_();
   }
-  if (need_w) gw = at::zeros_like(w);  // experts without rows get zero gradient
-  for (const auto& s : segments(offsets)) {
+  if (need_w) gw = expert_grad_like(w, segs);  // experts without rows get zero gradient
+  for (const auto& s : segs) {
     const at::Tensor g = grad_out.narrow(0, s.lo, s.n);
     if (need_x) {
       at::Tensor o = gx.narrow(0, s.lo, s.n);
@@ -169,9 +181,10 @@ std::vector<at::Tensor> grouped_mlp_bwd(const at::Tensor& grad_out, const at::Te
   at::Tensor gx = at::empty_like(x);
   const int64_t used = used_rows(offsets);
   gx.narrow(0, used, N - used).zero_();
-  at::Tensor gw1 = at::zeros_like(w1), gw2 = at::zeros_like(w2);
-  at::Tensor gb1 = b1 ? at::zeros_like(*b1) : at::Tensor(), gb2 = b2 ? at::zeros_like(*b2) : at::Tensor();
   const auto segs = segments(offsets);
+  at::Tensor gw1 = expert_grad_like(w1, segs), gw2 = expert_grad_like(w2, segs);
+  at::Tensor gb1 = b1 ? expert_grad_like(*b1, segs) : at::Tensor();
+  at::Tensor gb2 = b2 ? expert_grad_like(*b2, segs) : at::Tensor();
   const int64_t m = max_rows(segs);
   const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto scratch = [&] {
