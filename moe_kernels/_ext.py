@@ -90,6 +90,9 @@ def _jit_build():
     tag = _digest(root)
     build = cache_dir() / f"torch{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}-{tag}"
     build.mkdir(parents=True, exist_ok=True)
+    if not any(build.glob("*.so")):
+        print(f"moe_kernels: building the C++ CPU kernels (first use, about a minute; cached in {build})",
+              file=sys.stderr, flush=True)
     cflags, ldflags = _flags()
     try:
         mod = cpp_extension.load(
