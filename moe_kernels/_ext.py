@@ -54,10 +54,6 @@ def cpu_sources(root: Path) -> list[Path]:
 
 def source_digest(root: Path) -> str:
     """Hash of the sources and build flags: names the JIT cache entry and stamps an AOT build."""
-    return _digest(root)
-
-
-def _digest(root: Path) -> str:
     h = hashlib.sha256()
     files = cpu_sources(root) + sorted((root / "cpu").glob("*.h")) + sorted((root / "kernels").glob("*.h"))
     for f in files:
@@ -87,7 +83,7 @@ def _jit_build():
                       "`apt-get install g++`, or set CXX)")
     if not cpp_extension.is_ninja_available():
         return None, "ninja is not installed (`pip install ninja`)"
-    tag = _digest(root)
+    tag = source_digest(root)
     build = cache_dir() / f"torch{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}-{tag}"
     build.mkdir(parents=True, exist_ok=True)
     if not any(build.glob("*.so")):
@@ -134,7 +130,7 @@ def _aot_is_stale() -> str:
     root, stamp = source_dir(), _PKG / "_aot_digest.txt"
     if root is None or not stamp.is_file():
         return ""
-    built, now = stamp.read_text().strip(), _digest(root)
+    built, now = stamp.read_text().strip(), source_digest(root)
     if built != now:
         import warnings
 

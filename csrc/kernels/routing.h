@@ -37,14 +37,13 @@ inline void topk_row(const acc_t* s, int64_t E, int k, int32_t* ids, acc_t* vals
 }
 
 // Blocks of consecutive tokens: the unit of parallel work for plan building.
+// About `target` blocks of equal size; T = 0 gives one empty block.
 struct Blocks {
   int64_t T, n, size;
   Blocks(int64_t T_, int64_t target) : T(T_) {
-    n = std::max<int64_t>(1, std::min<int64_t>(T_, target));
-    size = (T_ + n - 1) / std::max<int64_t>(n, 1);
-    if (size == 0) size = 1;
-    n = (T_ + size - 1) / size;
-    if (n == 0) n = 1;
+    const int64_t want = std::max<int64_t>(1, std::min<int64_t>(T_, target));
+    size = std::max<int64_t>(1, (T_ + want - 1) / want);
+    n = std::max<int64_t>(1, (T_ + size - 1) / size);
   }
   int64_t begin(int64_t b) const { return std::min(T, b * size); }
   int64_t end(int64_t b) const { return std::min(T, (b + 1) * size); }
