@@ -75,6 +75,8 @@ void for_each_segment(const std::vector<Segment>& segs, MakeScratch make_scratch
   }
 }
 
+int no_scratch() { return 0; }
+
 // h = act(z), into `h` (same shape as act's output)
 void act_fwd(const at::Tensor& z, const std::string& act, at::Tensor& h) {
   if (act == "gelu") {
@@ -115,10 +117,10 @@ at::Tensor grouped_gemm_fwd(const at::Tensor& x, const at::Tensor& offsets, cons
   at::Tensor out = at::empty({x.size(0), w.size(2)}, x.options());
   const int64_t used = used_rows(offsets);
   out.narrow(0, used, x.size(0) - used).zero_();
-  for (const auto& s : segments(offsets)) {
+  for_each_segment(segments(offsets), no_scratch, [&](const Segment& s, int) {
     at::Tensor o = out.narrow(0, s.lo, s.n);
     at::mm_out(o, x.narrow(0, s.lo, s.n), w[s.e]);
-  }
+  });
   return out;
 }
 
@@ -133,7 +135,7 @@ std::tuple<at::Tensor, at::Tensor> grouped_gemm_bwd(const at::Tensor& grad_out, 
     gx.narrow(0, used, x.size(0) - used).zero_();
   }
   if (need_w) gw = expert_grad_like(w, segs);  // experts without rows get zero gradient
-  for (const auto& s : segs) {
+  for_each_segment(segs, no_scratch, [&](const Segment& s, int) {
     const at::Tensor g = grad_out.narrow(0, s.lo, s.n);
     if (need_x) {
       at::Tensor o = gx.narrow(0, s.lo, s.n);
@@ -143,7 +145,7 @@ std::tuple<at::Tensor, at::Tensor> grouped_gemm_bwd(const at::Tensor& grad_out, 
       at::Tensor o = gw[s.e];
       at::mm_out(o, x.narrow(0, s.lo, s.n).t(), g);
     }
-  }
+  });
   return {gx, gw};
 }
 
