@@ -61,7 +61,7 @@ def ext_modules_and_cmdclass():
         ) from exc
     # the same flags as the JIT build (moe_kernels/_ext.py: CFLAGS, LDFLAGS)
     ext = CppExtension("moe_kernels._C", sources, include_dirs=[os.path.join(ROOT, "csrc")],
-                       extra_compile_args=["-O3", "-fopenmp", "-ffp-contract=off"],
+                       extra_compile_args=["-O3", "-fopenmp", "-ffp-contract=off", "-fno-trapping-math"],
                        extra_link_args=["-fopenmp"])
     return [ext], dict(cmdclass, build_ext=BuildExtension)
 

@@ -7,6 +7,9 @@
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "moe_kernels compiled CPU kernels";
   m.def("route_fwd", &moe_kernels::cpu::route_fwd, "top-k routing + dispatch plan");
+  m.def("route_bwd", &moe_kernels::cpu::route_bwd, "routing backward: d loss / d logits");
+  m.def("task_route_fwd", &moe_kernels::cpu::task_route_fwd, "per-task router product + routing");
+  m.def("task_route_bwd", &moe_kernels::cpu::task_route_bwd, "task routing backward");
   m.def("dispatch_fwd", &moe_kernels::cpu::dispatch_fwd, "gather tokens into expert-grouped rows");
   m.def("dispatch_bwd", &moe_kernels::cpu::dispatch_bwd, "sum the k copies of each token's gradient");
   m.def("combine_fwd", &moe_kernels::cpu::combine_fwd, "weighted gather-sum of expert rows");

@@ -23,7 +23,7 @@ import threading
 from pathlib import Path
 
 _PKG = Path(__file__).resolve().parent
-CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=off"]  # torch adds its own -std
+CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-trapping-math"]  # torch adds its own -std
 LDFLAGS = ["-fopenmp"]
 # MOE_KERNELS_SANITIZE=1: AddressSanitizer + UndefinedBehaviorSanitizer build (a separate cache entry).
 # Python is not instrumented, so run it with the runtimes preloaded, as .ci/run does:

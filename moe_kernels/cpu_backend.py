@@ -2,17 +2,33 @@
 
 Ops without a native kernel yet are absent, so automatic choice uses the reference for them (see
 :mod:`moe_kernels.backends`); a backward whose forward is native is always present, here the
-reference formula where it is already one ATen pass (``route_backward``).
+reference formula where it is already one ATen pass.
 """
 
 from __future__ import annotations
 
-from .reference import routing as _ref_routing
+from ._validation import check_finite
 
 
 def make_kernels(ext) -> dict:
     def route(logits, k, score, renormalize, capacity, drop_policy, pad_to, num_rows):
-        return tuple(ext.route_fwd(logits, k, score, renormalize, capacity, drop_policy, pad_to, num_rows))
+        *outs, finite = ext.route_fwd(logits, k, score, renormalize, capacity, drop_policy, pad_to, num_rows)
+        if not bool(finite):
+            check_finite(logits, "route", "logits")  # raises the error naming the argument
+        return tuple(outs)
+
+    route.checks_finite = True  # the C++ pass checks the logits while reading them
+
+    def task_route(x, router_weight, task_ids, batch_task, k, score, renormalize, capacity, drop_policy,
+                   pad_to, num_rows):
+        *outs, finite = ext.task_route_fwd(x, router_weight, task_ids, batch_task, k, score, renormalize,
+                                           capacity, drop_policy, pad_to, num_rows)
+        if not bool(finite):  # non-finite logits: name the input that made them
+            check_finite(x, "task_route", "x")
+            check_finite(outs[0], "task_route", "router_weight (the router logits x @ router_weight)")
+        return tuple(outs)
+
+    task_route.checks_finite = True
 
     def combine_backward(grad_out, y, weights, slots, need_y, need_w):
         gy, gw = ext.combine_bwd(grad_out, y, weights, slots, need_y, need_w)
@@ -31,7 +47,9 @@ def make_kernels(ext) -> dict:
 
     return {
         "route": route,
-        "route_backward": _ref_routing.route_bwd,
+        "route_backward": ext.route_bwd,
+        "task_route": task_route,
+        "task_route_backward": lambda *a: tuple(ext.task_route_bwd(*a)),
         "dispatch": ext.dispatch_fwd,
         "dispatch_backward": ext.dispatch_bwd,
         "combine": ext.combine_fwd,

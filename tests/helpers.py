@@ -45,7 +45,8 @@ def brute_force_plan(logits: torch.Tensor, k: int, *, score="softmax", capacity=
     lf = logits.double() if logits.dtype == torch.float64 else logits.float()
     s = torch.softmax(lf, -1) if score == "softmax" else torch.sigmoid(lf)
     s = s.tolist()
-    ids = [sorted(range(E), key=lambda e: (-s[t][e], e))[:k] for t in range(T)]
+    lv = lf.tolist()  # the contract ranks by the upcast logit (monotone in either score)
+    ids = [sorted(range(E), key=lambda e: (-lv[t][e], e))[:k] for t in range(T)]
     # assignments a = t*k + j in token order
     per_expert = {e: [] for e in range(E)}
     for t in range(T):

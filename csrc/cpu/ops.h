@@ -11,10 +11,27 @@
 namespace moe_kernels {
 namespace cpu {
 
-// -> {topk_weights, topk_ids, counts, offsets, slots, sources, num_dropped}
+// -> {topk_weights, topk_ids, counts, offsets, slots, sources, num_dropped, all_finite}; when
+// all_finite is false the logits hold NaN/inf and nothing else is meaningful
 std::vector<at::Tensor> route_fwd(const at::Tensor& logits, int64_t k, const std::string& score,
                                   bool renormalize, int64_t capacity, const std::string& drop_policy,
                                   int64_t pad_to, int64_t num_rows);
+// d loss / d logits (in the logits' dtype) from d loss / d topk_weights
+at::Tensor route_bwd(const at::Tensor& grad_weights, const at::Tensor& logits, const at::Tensor& topk_ids,
+                     const std::string& score, bool renormalize);
+// Task-conditioned routing: logits[t] = x[t] @ router_weight[task(t)] (one task for the batch when
+// batch_task >= 0), then route_fwd. -> {logits, then route_fwd's outputs}
+std::vector<at::Tensor> task_route_fwd(const at::Tensor& x, const at::Tensor& router_weight,
+                                       const std::optional<at::Tensor>& task_ids, int64_t batch_task, int64_t k,
+                                       const std::string& score, bool renormalize, int64_t capacity,
+                                       const std::string& drop_policy, int64_t pad_to, int64_t num_rows);
+// -> {grad_x, grad_router_weight}
+std::tuple<at::Tensor, at::Tensor> task_route_bwd(const std::optional<at::Tensor>& grad_logits,
+                                                  const std::optional<at::Tensor>& grad_weights, const at::Tensor& x,
+                                                  const at::Tensor& router_weight,
+                                                  const std::optional<at::Tensor>& task_ids, int64_t batch_task,
+                                                  const at::Tensor& logits, const at::Tensor& topk_ids,
+                                                  const std::string& score, bool renormalize);
 
 at::Tensor dispatch_fwd(const at::Tensor& x, const at::Tensor& slots, const at::Tensor& sources);
 at::Tensor dispatch_bwd(const at::Tensor& grad_out, const at::Tensor& slots);

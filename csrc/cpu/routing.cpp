@@ -1,14 +1,18 @@
 // CPU launcher: fused top-k routing and dispatch-plan construction.
 //
-// Scores come from ATen's softmax / sigmoid on the upcast logits: the very kernels the reference
-// uses, so the top-k choice (and with it every integer output) is bit-identical to the reference.
-// Top-k and the plan (counting sort by expert, capacity, padding, slots, sources) are built here in
-// two parallel passes over token blocks instead of the reference's sorts and scatters.
+// One parallel pass over the tokens ranks each row of logits (the contract ranks by the upcast
+// logit, so the choice never depends on how a backend rounds the softmax), computes the k scores
+// and weights and checks finiteness; the plan (counting sort by expert, capacity, padding, slots,
+// sources) is then built in two parallel passes over token blocks instead of the reference's sorts
+// and scatters. The backward is one pass over the tokens as well.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
+#include <atomic>
 #include <limits>
+#include <optional>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -117,49 +121,181 @@ void plan(const int32_t* ids, const acc_t* top, int64_t T, int k, int64_t E, int
 
 }  // namespace
 
+namespace {
+
+at::ScalarType acc_type_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+void check_logits(const at::Tensor& logits, const char* op) {
+  TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous() && logits.device().is_cpu(), "moe_kernels cpu ",
+              op, ": logits must be a contiguous 2-D CPU tensor");
+}
+
+}  // namespace
+
 std::vector<at::Tensor> route_fwd(const at::Tensor& logits, int64_t k, const std::string& score,
                                   bool renormalize, int64_t capacity, const std::string& drop_policy,
                                   int64_t pad_to, int64_t num_rows) {
-  TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous() && logits.device().is_cpu(),
-              "moe_kernels cpu route: logits must be a contiguous 2-D CPU tensor");
+  check_logits(logits, "route");
   TORCH_CHECK(score == "softmax" || score == "sigmoid", "moe_kernels cpu route: bad score ", score);
   const int64_t T = logits.size(0), E = logits.size(1);
   TORCH_CHECK(k >= 1 && k <= E && pad_to >= 1, "moe_kernels cpu route: bad k or pad_to");
-  const auto acc_type = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const at::Tensor lf = logits.to(acc_type);
-  const at::Tensor scores = score == "softmax" ? at::softmax(lf, -1) : at::sigmoid(lf);
+  const auto acc_type = acc_type_of(logits.scalar_type());
+  const bool softmax = score == "softmax";
+  const bool by_score = capacity >= 0 && drop_policy == "score";
 
   const auto i32 = logits.options().dtype(at::kInt);
+  const auto acc_opts = logits.options().dtype(acc_type);
   at::Tensor ids = at::empty({T, k}, i32);
-  at::Tensor top = at::empty({T, k}, scores.options());
-  at::Tensor weights = renormalize ? at::empty({T, k}, scores.options()) : top;
+  at::Tensor weights = at::empty({T, k}, acc_opts);
   at::Tensor counts = at::empty({E}, i32), offsets = at::empty({E + 1}, i32);
   at::Tensor slots = at::empty({T, k}, i32), sources = at::full({num_rows}, -1, i32);
   int64_t dropped = 0;
+  std::atomic<bool> finite{true};
 
-  AT_DISPATCH_FLOATING_TYPES(acc_type, "moe_kernels_route", [&] {
-    const scalar_t* s = scores.data_ptr<scalar_t>();
+  // pass 1, per token: upcast, finiteness, top-k by logit, scores, weights
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "moe_kernels_route", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* lp = logits.data_ptr<scalar_t>();
     int32_t* idp = ids.data_ptr<int32_t>();
-    scalar_t* tp = top.data_ptr<scalar_t>();
-    scalar_t* wp = weights.data_ptr<scalar_t>();
-    const scalar_t tiny = static_cast<scalar_t>(std::numeric_limits<float>::min());
-    at::parallel_for(0, T, 64, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) {
-        kernels::topk_row(s + t * E, E, static_cast<int>(k), idp + t * k, tp + t * k);
-        if (renormalize) {
-          scalar_t sum = 0;
-          for (int64_t j = 0; j < k; ++j) sum += tp[t * k + j];
-          const scalar_t denom = sum > tiny ? sum : tiny;
-          for (int64_t j = 0; j < k; ++j) wp[t * k + j] = tp[t * k + j] / denom;
+    acc_t* wp = weights.data_ptr<acc_t>();
+    at::parallel_for(0, T, 256, [&](int64_t t0, int64_t t1) {
+      std::vector<acc_t> row(static_cast<size_t>(E)), ex(static_cast<size_t>(E));
+      for (int64_t t = t0; t < t1; ++t)
+        if (!kernels::route_row(lp + t * E, E, static_cast<int>(k), softmax, renormalize, row.data(),
+                                ex.data(), idp + t * k, wp + t * k)) {
+          finite.store(false, std::memory_order_relaxed);
+          return;
         }
+    });
+  });
+  if (!finite.load()) {  // the caller raises the user-facing error naming the argument
+    return {weights, ids, counts, offsets, slots, sources, at::scalar_tensor(dropped, at::kLong),
+            at::scalar_tensor(false, at::kBool)};
+  }
+
+  // pass 2: the plan. The "score" drop policy ranks assignments of different tokens by their score,
+  // so it takes the scores from ATen's softmax / sigmoid, exactly as the reference does: integer
+  // outputs then agree bit for bit.
+  AT_DISPATCH_FLOATING_TYPES(acc_type, "moe_kernels_route_plan", [&] {
+    at::Tensor top;
+    if (by_score) {
+      const at::Tensor lf = logits.to(acc_type);
+      top = (softmax ? at::softmax(lf, -1) : at::sigmoid(lf)).gather(1, ids.to(at::kLong)).contiguous();
+    }
+    plan<scalar_t>(ids.data_ptr<int32_t>(), by_score ? top.data_ptr<scalar_t>() : nullptr, T,
+                   static_cast<int>(k), E, capacity, by_score, pad_to, counts.data_ptr<int32_t>(),
+                   offsets.data_ptr<int32_t>(), slots.data_ptr<int32_t>(), sources.data_ptr<int32_t>(),
+                   &dropped);
+  });
+  TORCH_CHECK(offsets.data_ptr<int32_t>()[E] <= num_rows, "moe_kernels cpu route: plan exceeds num_rows");
+  return {weights, ids, counts, offsets, slots, sources, at::scalar_tensor(dropped, at::kLong),
+          at::scalar_tensor(true, at::kBool)};
+}
+
+at::Tensor route_bwd(const at::Tensor& grad_weights, const at::Tensor& logits, const at::Tensor& topk_ids,
+                     const std::string& score, bool renormalize) {
+  check_logits(logits, "route_backward");
+  const int64_t T = logits.size(0), E = logits.size(1), k = topk_ids.size(1);
+  const auto acc_type = acc_type_of(logits.scalar_type());
+  TORCH_CHECK(grad_weights.is_contiguous() && topk_ids.is_contiguous() && grad_weights.size(0) == T &&
+                  grad_weights.size(1) == k && topk_ids.size(0) == T && topk_ids.scalar_type() == at::kInt,
+              "moe_kernels cpu route_backward: bad grad_weights or topk_ids");
+  const at::Tensor g = grad_weights.to(acc_type);
+  at::Tensor out = at::empty({T, E}, logits.options());
+  const bool softmax = score == "softmax";
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "moe_kernels_route_bwd", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* lp = logits.data_ptr<scalar_t>();
+    const int32_t* idp = topk_ids.data_ptr<int32_t>();
+    const acc_t* gp = g.data_ptr<acc_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, T, 256, [&](int64_t t0, int64_t t1) {
+      std::vector<acc_t> row(static_cast<size_t>(E)), p(static_cast<size_t>(E)), top(static_cast<size_t>(k)),
+          gk(static_cast<size_t>(k));
+      for (int64_t t = t0; t < t1; ++t) {
+        std::copy(gp + t * k, gp + (t + 1) * k, gk.begin());
+        kernels::route_grad_row(lp + t * E, idp + t * k, gk.data(), E, static_cast<int>(k), softmax, renormalize,
+                                row.data(), p.data(), top.data(), op + t * E);
       }
     });
-    plan<scalar_t>(idp, tp, T, static_cast<int>(k), E, capacity, drop_policy == "score", pad_to,
-                   counts.data_ptr<int32_t>(), offsets.data_ptr<int32_t>(), slots.data_ptr<int32_t>(),
-                   sources.data_ptr<int32_t>(), &dropped);
   });
-  TORCH_CHECK(offsets[E].item<int64_t>() <= num_rows, "moe_kernels cpu route: plan exceeds num_rows");
-  return {weights, ids, counts, offsets, slots, sources, at::scalar_tensor(dropped, at::kLong)};
+  return out;
+}
+
+namespace {
+
+// The tokens of each task, in token order (a counting sort); undefined for a task without tokens.
+std::vector<at::Tensor> rows_by_task(const at::Tensor& task_ids, int64_t M) {
+  const int64_t T = task_ids.size(0);
+  const at::Tensor tids = task_ids.to(at::kLong).contiguous();
+  const int64_t* tp = tids.data_ptr<int64_t>();
+  std::vector<int64_t> start(M + 1, 0);
+  for (int64_t t = 0; t < T; ++t) ++start[tp[t] + 1];
+  for (int64_t m = 0; m < M; ++m) start[m + 1] += start[m];
+  at::Tensor order = at::empty({T}, tids.options());
+  int64_t* op = order.data_ptr<int64_t>();
+  std::vector<int64_t> next(start.begin(), start.end() - 1);
+  for (int64_t t = 0; t < T; ++t) op[next[tp[t]]++] = t;
+  std::vector<at::Tensor> rows(M);
+  for (int64_t m = 0; m < M; ++m)
+    if (start[m + 1] > start[m]) rows[m] = order.slice(0, start[m], start[m + 1]);
+  return rows;
+}
+
+// logits[t] = x[t] @ router_weight[task(t)], in x's dtype, with the same ATen GEMM per task as the
+// reference (so the logits, and the plan built from them, agree bit for bit)
+at::Tensor task_logits(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& task_ids,
+                       int64_t batch_task) {
+  if (batch_task >= 0) return at::mm(x, w[batch_task]);
+  at::Tensor logits = at::empty({x.size(0), w.size(2)}, x.options());
+  const std::vector<at::Tensor> rows = rows_by_task(*task_ids, w.size(0));
+  for (size_t m = 0; m < rows.size(); ++m)
+    if (rows[m].defined()) logits.index_copy_(0, rows[m], at::mm(x.index_select(0, rows[m]), w[m]));
+  return logits;
+}
+
+}  // namespace
+
+std::vector<at::Tensor> task_route_fwd(const at::Tensor& x, const at::Tensor& router_weight,
+                                       const std::optional<at::Tensor>& task_ids, int64_t batch_task, int64_t k,
+                                       const std::string& score, bool renormalize, int64_t capacity,
+                                       const std::string& drop_policy, int64_t pad_to, int64_t num_rows) {
+  TORCH_CHECK(x.dim() == 2 && router_weight.dim() == 3 && x.is_contiguous() && router_weight.is_contiguous(),
+              "moe_kernels cpu task_route: x must be [T, d] and router_weight [M, d, E], contiguous");
+  TORCH_CHECK(batch_task >= 0 || task_ids.has_value(), "moe_kernels cpu task_route: no task ids");
+  const at::Tensor logits = task_logits(x, router_weight, task_ids, batch_task);
+  std::vector<at::Tensor> out = route_fwd(logits, k, score, renormalize, capacity, drop_policy, pad_to, num_rows);
+  out.insert(out.begin(), logits);
+  return out;  // {logits, weights, ids, counts, offsets, slots, sources, num_dropped, all_finite}
+}
+
+std::tuple<at::Tensor, at::Tensor> task_route_bwd(const std::optional<at::Tensor>& grad_logits,
+                                                  const std::optional<at::Tensor>& grad_weights, const at::Tensor& x,
+                                                  const at::Tensor& router_weight,
+                                                  const std::optional<at::Tensor>& task_ids, int64_t batch_task,
+                                                  const at::Tensor& logits, const at::Tensor& topk_ids,
+                                                  const std::string& score, bool renormalize) {
+  const auto acc_type = acc_type_of(logits.scalar_type());
+  at::Tensor g = at::zeros(logits.sizes(), logits.options().dtype(acc_type));
+  if (grad_logits.has_value()) g.add_(grad_logits->to(acc_type));
+  if (grad_weights.has_value()) g.add_(route_bwd(*grad_weights, logits, topk_ids, score, renormalize).to(acc_type));
+  g = g.to(x.scalar_type());
+  at::Tensor gw = at::zeros_like(router_weight);
+  if (batch_task >= 0) {
+    at::Tensor gw_task = gw[batch_task];
+    at::mm_out(gw_task, x.t(), g);
+    return {at::mm(g, router_weight[batch_task].t()), gw};
+  }
+  at::Tensor gx = at::empty_like(x);
+  const std::vector<at::Tensor> rows = rows_by_task(*task_ids, router_weight.size(0));
+  for (size_t m = 0; m < rows.size(); ++m) {
+    if (!rows[m].defined()) continue;
+    const at::Tensor gm = g.index_select(0, rows[m]);
+    gx.index_copy_(0, rows[m], at::mm(gm, router_weight[m].t()));
+    at::Tensor gw_task = gw[m];
+    at::mm_out(gw_task, x.index_select(0, rows[m]).t(), gm);
+  }
+  return {gx, gw};
 }
 
 }  // namespace cpu

@@ -11,8 +11,12 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <limits>
 #include <vector>
+
+#include "fast_math.h"
 
 namespace moe_kernels {
 namespace kernels {
@@ -33,6 +37,73 @@ inline void topk_row(const acc_t* s, int64_t E, int k, int32_t* ids, acc_t* vals
     }
     vals[pos] = v;
     ids[pos] = static_cast<int32_t>(e);
+  }
+}
+
+// One token's routing from its logits: upcast the row into `row` (acc_t[E]), rank it (the top-k of
+// the logits is the top-k of the scores: softmax and sigmoid are monotone), then compute the k
+// scores and the weights. Softmax: p_e = exp(l_e - max) / sum over every expert, with `ex`
+// (acc_t[E]) as scratch for the exps. Returns false when the row holds NaN or inf (nothing else is
+// then meaningful).
+template <typename in_t, typename acc_t>
+inline bool route_row(const in_t* logits, int64_t E, int k, bool softmax, bool renormalize, acc_t* row,
+                      acc_t* ex, int32_t* ids, acc_t* weights) {
+  int finite = 1;
+  for (int64_t e = 0; e < E; ++e) {
+    row[e] = static_cast<acc_t>(logits[e]);
+    finite &= static_cast<int>(std::isfinite(row[e]));
+  }
+  if (!finite) return false;
+  topk_row(row, E, k, ids, weights);
+  if (softmax) {
+    const acc_t sum = exp_shifted_sum(row, weights[0], ex, E);  // weights[0]: the largest logit
+    for (int j = 0; j < k; ++j) weights[j] = ex[ids[j]] / sum;
+  } else {
+    for (int j = 0; j < k; ++j) weights[j] = acc_t(1) / (acc_t(1) + std::exp(-weights[j]));
+  }
+  if (renormalize) {
+    acc_t sum = 0;
+    for (int j = 0; j < k; ++j) sum += weights[j];
+    const acc_t tiny = static_cast<acc_t>(std::numeric_limits<float>::min());
+    const acc_t denom = sum > tiny ? sum : tiny;
+    for (int j = 0; j < k; ++j) weights[j] /= denom;
+  }
+  return true;
+}
+
+// d loss / d logits of one token from d loss / d weights (g[k], overwritten) for the k chosen ids.
+// `row` and `p` (acc_t[E]) and `top` (acc_t[k]) are scratch; the result goes to `out` (E entries).
+template <typename in_t, typename acc_t, typename out_t>
+inline void route_grad_row(const in_t* logits, const int32_t* ids, acc_t* g, int64_t E, int k, bool softmax,
+                           bool renormalize, acc_t* row, acc_t* p, acc_t* top, out_t* out) {
+  acc_t m = -std::numeric_limits<acc_t>::infinity();
+  for (int64_t e = 0; e < E; ++e) {
+    row[e] = static_cast<acc_t>(logits[e]);
+    m = row[e] > m ? row[e] : m;
+  }
+  if (softmax) {
+    const acc_t inv = acc_t(1) / exp_shifted_sum(row, m, p, E);
+    for (int64_t e = 0; e < E; ++e) p[e] *= inv;
+    for (int j = 0; j < k; ++j) top[j] = p[ids[j]];
+  } else {
+    for (int j = 0; j < k; ++j) top[j] = acc_t(1) / (acc_t(1) + std::exp(-row[ids[j]]));
+  }
+  if (renormalize) {  // w = top / s  =>  dL/dtop = (g - <g, w>) / s
+    acc_t s = 0, gw = 0;
+    for (int j = 0; j < k; ++j) s += top[j];
+    const acc_t tiny = static_cast<acc_t>(std::numeric_limits<float>::min());
+    s = s > tiny ? s : tiny;
+    for (int j = 0; j < k; ++j) gw += g[j] * (top[j] / s);
+    for (int j = 0; j < k; ++j) g[j] = (g[j] - gw) / s;
+  }
+  if (softmax) {  // dL/dl_e = p_e * (dense_e - <dense, p>), dense = g scattered to the chosen ids
+    acc_t dot = 0;
+    for (int j = 0; j < k; ++j) dot += g[j] * top[j];
+    for (int64_t e = 0; e < E; ++e) out[e] = static_cast<out_t>(-(p[e] * dot));
+    for (int j = 0; j < k; ++j) out[ids[j]] = static_cast<out_t>(top[j] * (g[j] - dot));
+  } else {  // dL/dl_e = dense_e * s_e * (1 - s_e)
+    for (int64_t e = 0; e < E; ++e) out[e] = static_cast<out_t>(acc_t(0));
+    for (int j = 0; j < k; ++j) out[ids[j]] = static_cast<out_t>(g[j] * top[j] * (acc_t(1) - top[j]));
   }
 }
 

@@ -27,9 +27,10 @@ _ROUTE_OUT = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
 @torch.library.custom_op("moe_kernels::route", mutates_args=())
 def _route(logits: Tensor, k: int, score: str, renormalize: bool, capacity: int, drop_policy: str,
            pad_to: int, num_rows: int, backend: str) -> _ROUTE_OUT:
-    check_finite(logits, "route", "logits")
-    return tuple(get_kernel(backend, "route")(logits, k, score, renormalize, capacity, drop_policy,
-                                              pad_to, num_rows))
+    kernel = get_kernel(backend, "route")
+    if not getattr(kernel, "checks_finite", False):
+        check_finite(logits, "route", "logits")
+    return tuple(kernel(logits, k, score, renormalize, capacity, drop_policy, pad_to, num_rows))
 
 
 def _route_shapes(like: Tensor, T, k, E, num_rows):
@@ -84,10 +85,13 @@ def _task_route(x: Tensor, router_weight: Tensor, task_ids: Optional[Tensor], ba
     M = router_weight.shape[0]
     if task_ids is not None:
         check_index_range(task_ids, M, "task_route", "task_ids")
-    check_finite(x, "task_route", "x")
-    out = get_kernel(backend, "task_route")(x, router_weight, task_ids, batch_task, k, score,
-                                            renormalize, capacity, drop_policy, pad_to, num_rows)
-    check_finite(out[0], "task_route", "router_weight (the router logits x @ router_weight)")
+    kernel = get_kernel(backend, "task_route")
+    if not getattr(kernel, "checks_finite", False):
+        check_finite(x, "task_route", "x")
+    out = kernel(x, router_weight, task_ids, batch_task, k, score, renormalize, capacity, drop_policy,
+                 pad_to, num_rows)
+    if not getattr(kernel, "checks_finite", False):
+        check_finite(out[0], "task_route", "router_weight (the router logits x @ router_weight)")
     return tuple(out)
 
 

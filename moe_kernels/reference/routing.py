@@ -3,8 +3,10 @@
 Semantics (every backend reproduces the integer outputs bit-exactly):
 
 * scores = softmax(logits) or sigmoid(logits), computed in fp32;
-* top-k per token by score, ties to the lower expert id; the k ids of a token are ordered by
-  descending score (then ascending id);
+* top-k per token by the upcast logit (fp32; fp64 for fp64 input), ties to the lower expert id; the
+  k ids of a token are ordered by descending logit (then ascending id). Both scores are monotone in
+  the logit, so this is the top-k by score, with the choice independent of how a backend rounds the
+  softmax (two logits that differ never tie, even where their fp32 softmax values round equal);
 * weights = the k scores, divided by their sum when ``renormalize``;
 * assignments are numbered a = t*k + j (token-major). Dropless keeps them all. With a capacity C,
   ``"position"`` keeps, per expert, the first C assignments in token order; ``"score"`` keeps the C
@@ -73,7 +75,7 @@ def compute_scores(logits: torch.Tensor, score: str) -> torch.Tensor:
 
 
 def topk_stable(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k with ties to the lower index: a stable descending sort keeps equal scores in id order."""
+    """Top-k with ties to the lower index: a stable descending sort keeps equal values in id order."""
     vals, idx = torch.sort(scores, dim=-1, descending=True, stable=True)
     return vals[:, :k].contiguous(), idx[:, :k].contiguous()
 
@@ -128,8 +130,8 @@ def build_plan(topk_ids: torch.Tensor, topk_scores: torch.Tensor, num_experts: i
 
 def route_fwd(logits: torch.Tensor, k: int, score: str, renormalize: bool, capacity: int,
               drop_policy: str, pad_to: int, num_rows: int):
-    scores = compute_scores(logits, score)
-    top_scores, top_ids = topk_stable(scores, k)
+    _, top_ids = topk_stable(up(logits), k)
+    top_scores = compute_scores(logits, score).gather(1, top_ids)
     weights = top_scores
     if renormalize:
         weights = top_scores / top_scores.sum(-1, keepdim=True).clamp_min(_EPS_DENOM)
