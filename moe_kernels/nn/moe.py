@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional, Union
+from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
-from .._validation import check, check_choice, check_int, fail
+from .._validation import check, check_choice, check_index_range, check_int, fail
 from ..ops.grouped import moe_mlp
 from ..ops.losses import load_balancing_loss, mutual_information_loss, z_loss
 from ..ops.routing import _check_options, route, task_route
 from ..reference.grouped import ACTIVATIONS
 from ..types import Routing
 from .losses import MutualInformationLoss
+
+# tensors whose leading dim is a task (router_weight) or an expert (the rest): rows can be trained apart
+ROW_PARAMS = ("router_weight", "w1", "w2", "b1", "b2")
 
 
 class MoEOutput(NamedTuple):
@@ -59,7 +62,27 @@ class MoE(nn.Module):
         router_dtype: dtype of the router product (default fp32, as DeepSpeed and Megatron-core do:
             bf16 logits tie often and flip the expert choice); ``None`` uses the input's dtype.
         backend: force a backend for every op of the layer.
+        visible_experts: per task, how many experts its router may choose: task ``m`` routes over
+            the prefix ``[0, visible_experts[m])`` (non-decreasing in ``m``, each in ``[k, E]``;
+            default: every task sees all E). Set by :func:`moe_kernels.adapt.add_experts`, which
+            appends experts that only the new task's router can choose.
         A coefficient of 0 skips computing that loss (it is then absent from ``losses``).
+
+    Routing: a batch of one task (``task_ids`` an int, or ``num_tasks == 1``) is routed by that
+    task's router alone, ``route(x @ router_weight[t][:, :visible_experts[t]])``: its result depends
+    on no other router and no expert it cannot see, so adding routers or experts
+    (:mod:`moe_kernels.adapt`) leaves it bit-identical. Per-token task ids use the fused
+    :func:`moe_kernels.task_route`; when the tasks see different numbers of experts, the logits of
+    the experts a token's task cannot see are set far below its others (finite, ``min - 1e4``) so
+    their score is exactly 0 and top-k never picks them.
+
+    Partly trainable tensors: ``router_weight`` (rows = tasks) and ``w1``, ``w2``, ``b1``, ``b2``
+    (rows = experts) can have only some rows trainable (:meth:`set_trainable_rows`; used by
+    :mod:`moe_kernels.adapt` to train a new router or a few experts). The tensor itself is then
+    frozen and its trainable rows live in a separate parameter ``<name>_trainable`` (index buffer
+    ``<name>_trainable_index``), copied over the frozen rows in each forward
+    (:meth:`effective`). An optimiser therefore never sees, decays or moves a frozen row.
+    ``state_dict()`` stores the effective (up-to-date) values under ``<name>``.
 
     Example:
         >>> moe = MoE(dim=64, hidden=128, num_experts=8, k=2)
@@ -74,7 +97,8 @@ class MoE(nn.Module):
                  out_dim: Optional[int] = None, load_balancing_coef: float = 1e-2,
                  z_loss_coef: float = 1e-3, mi_coef: float = 1e-2, mi_loss: str = "ema",
                  mi_momentum: float = 0.98, router_dtype: Optional[torch.dtype] = torch.float32,
-                 backend: Optional[str] = None, device=None, dtype=None):
+                 backend: Optional[str] = None, visible_experts: Optional[Sequence[int]] = None,
+                 device=None, dtype=None):
         super().__init__()
         op = "nn.MoE"
         for name, v in (("dim", dim), ("hidden", hidden), ("num_experts", num_experts),
@@ -101,20 +125,160 @@ class MoE(nn.Module):
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden, out_dim, **fk))
         self.b1 = nn.Parameter(torch.empty(num_experts, h1, **fk)) if bias else None
         self.b2 = nn.Parameter(torch.empty(num_experts, out_dim, **fk)) if bias else None
-        self.mi_loss = mi_loss
+        self.mi_loss, self.mi_momentum = mi_loss, mi_momentum
         self.mutual_information = (MutualInformationLoss(num_tasks, num_experts, mi_momentum, device=device)
                                    if num_tasks > 1 and mi_loss == "ema" else None)
+        self._partial: tuple = ()  # names of the tensors with only some rows trainable
+        self.register_buffer("_visible", torch.empty(0, dtype=torch.int64, device=device), persistent=False)
+        self._set_visible(visible_experts, op)
         self.reset_parameters()
         # validate the routing options once, at construction, not at the first forward
         _check_options("nn.MoE", k, num_experts, **self.route_options)
 
+    # ------------------------------------------------------------ structure (used by mk.adapt)
+
+    def _set_visible(self, visible, op: str = "nn.MoE", arg: str = "visible_experts") -> None:
+        """Set ``visible_experts`` (validated): a non-decreasing list, one entry in [k, E] per task."""
+        E, M = self.num_experts, self.num_tasks
+        if visible is None:
+            visible = [E] * M
+        check(isinstance(visible, (list, tuple)) and len(visible) == M, op, arg,
+              f"must be a list with one int per task (num_tasks={M}), got {visible!r}")
+        for m, v in enumerate(visible):
+            check_int(v, op, f"{arg}[{m}]", lo=self.k, hi=E)
+        check(all(a <= b for a, b in zip(visible, visible[1:])), op, arg,
+              f"must be non-decreasing (a later task sees at least the experts of an earlier one), "
+              f"got {list(visible)}")
+        self.visible_experts = [int(v) for v in visible]
+        self._restricted = any(v < E for v in self.visible_experts)
+        self._visible = torch.tensor(self.visible_experts, dtype=torch.int64, device=self.w1.device)
+
+    def effective(self, name: str) -> Optional[Tensor]:
+        """The tensor the forward uses for ``name`` (``"router_weight"``, ``"w1"``, ``"w2"``, ``"b1"``,
+        ``"b2"``): the parameter itself, or, when only some of its rows are trainable, the frozen
+        parameter with the trainable rows copied over it (differentiable w.r.t. those rows)."""
+        base = getattr(self, name)
+        if name not in self._partial:
+            return base
+        idx, rows = getattr(self, name + "_trainable_index"), getattr(self, name + "_trainable")
+        return base.index_copy(0, idx, rows)
+
+    def trainable_rows(self, name: str) -> list:
+        """Per row of ``name`` (tasks for ``router_weight``, experts otherwise): is it trainable?"""
+        check_choice(name, "nn.MoE.trainable_rows", "name", ROW_PARAMS)
+        base = getattr(self, name)
+        if base is None:
+            return []
+        mask = [bool(base.requires_grad)] * base.shape[0]
+        if name in self._partial:
+            flag = bool(getattr(self, name + "_trainable").requires_grad)
+            for i in getattr(self, name + "_trainable_index").tolist():
+                mask[i] = flag
+        return mask
+
+    def set_trainable_rows(self, name: str, rows) -> None:
+        """Make exactly the given rows of ``name`` trainable and freeze the others.
+
+        Args:
+            name: ``"router_weight"`` (rows are tasks), ``"w1"``, ``"w2"``, ``"b1"`` or ``"b2"``
+                (rows are experts).
+            rows: a bool (all or none), a list of bools (one per row) or a list/set of row indices.
+
+        Example:
+            >>> layer.set_trainable_rows("router_weight", [2])   # train only task 2's router
+        """
+        op = "nn.MoE.set_trainable_rows"
+        check_choice(name, op, "name", ROW_PARAMS)
+        base = getattr(self, name)
+        check(base is not None, op, "name", f"'{name}' is absent (the layer has bias=False)")
+        R = base.shape[0]
+        if isinstance(rows, bool):
+            mask = [rows] * R
+        elif isinstance(rows, (list, tuple)) and rows and all(isinstance(r, bool) for r in rows):
+            check(len(rows) == R, op, "rows", f"has {len(rows)} flags for {R} rows of '{name}'")
+            mask = list(rows)
+        elif isinstance(rows, (list, tuple, set, frozenset, range)):
+            mask = [False] * R
+            for r in rows:
+                check_int(r, op, "rows", lo=0, hi=R - 1)
+                mask[r] = True
+        else:
+            fail(op, "rows", f"must be a bool, a list of bools or a list of row indices, got {rows!r}")
+        self._set_rows(name, self.effective(name).detach(), mask)
+
+    def _set_rows(self, name: str, value: Tensor, mask: Sequence[bool]) -> None:
+        """Replace ``name`` by ``value`` (any number of rows) with exactly the rows in ``mask``
+        trainable. Keeps the Parameter object when the shape is unchanged; a new Parameter (and the
+        separate trainable rows) inherit the Python attributes of the old one (e.g. marks that a
+        distributed engine reads)."""
+        value = value.detach()
+        if name in self._partial:
+            delattr(self, name + "_trainable")
+            delattr(self, name + "_trainable_index")
+            self._partial = tuple(n for n in self._partial if n != name)
+        base = getattr(self, name)
+        attrs = dict(base.__dict__) if base is not None else {}
+        if base is not None and base.shape == value.shape and base.dtype == value.dtype \
+                and base.device == value.device:
+            if value.data_ptr() != base.data_ptr():
+                with torch.no_grad():
+                    base.copy_(value)
+        else:
+            base = nn.Parameter(value.clone())
+            base.__dict__.update(attrs)
+            setattr(self, name, base)
+        mask = [bool(m) for m in mask]
+        if all(mask) or not any(mask):
+            base.requires_grad_(bool(mask) and all(mask))
+            return
+        base.requires_grad_(False)
+        idx = torch.tensor([i for i, m in enumerate(mask) if m], dtype=torch.int64, device=value.device)
+        rows = nn.Parameter(value.index_select(0, idx).clone())
+        rows.__dict__.update(attrs)
+        self.register_parameter(name + "_trainable", rows)
+        self.register_buffer(name + "_trainable_index", idx)
+        self._partial = self._partial + (name,)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for name in self._partial:  # the tensor itself holds stale values for its trainable rows
+            eff = self.effective(name)
+            destination[prefix + name] = eff if keep_vars else eff.detach()
+        if self._restricted:
+            destination[prefix + "visible_experts"] = torch.tensor(self.visible_experts, dtype=torch.int64)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        key = prefix + "visible_experts"
+        saved = state_dict.get(key)
+        if saved is not None and saved.tolist() != self.visible_experts:
+            error_msgs.append(
+                f"{key}: the checkpoint's routers see {saved.tolist()} experts per task but this layer's "
+                f"see {self.visible_experts}; build the layer with visible_experts={saved.tolist()} "
+                "(or apply the same moe_kernels.adapt steps) before loading")
+        elif saved is None and self._restricted and strict:
+            missing_keys.append(key)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        if key in unexpected_keys:
+            unexpected_keys.remove(key)
+
     def reset_parameters(self) -> None:
-        """nn.Linear's default initialisation, per expert and per router."""
-        for w, fan_in in ((self.router_weight, self.dim), (self.w1, self.dim), (self.w2, self.hidden)):
-            nn.init.uniform_(w, -1.0 / math.sqrt(fan_in), 1.0 / math.sqrt(fan_in))
-        for b, fan_in in ((self.b1, self.dim), (self.b2, self.hidden)):
-            if b is not None:
-                nn.init.uniform_(b, -1.0 / math.sqrt(fan_in), 1.0 / math.sqrt(fan_in))
+        """nn.Linear's default initialisation, per expert and per router (router columns of experts
+        a task cannot see are zero: they are never used). Which rows are trainable is kept."""
+        masks = {name: self.trainable_rows(name) for name in self._partial}
+        for name, mask in masks.items():  # whole tensors while initialising, re-split after
+            self._set_rows(name, getattr(self, name).detach(), [False] * len(mask))
+        with torch.no_grad():
+            for w, fan_in in ((self.router_weight, self.dim), (self.w1, self.dim), (self.w2, self.hidden)):
+                nn.init.uniform_(w, -1.0 / math.sqrt(fan_in), 1.0 / math.sqrt(fan_in))
+            for b, fan_in in ((self.b1, self.dim), (self.b2, self.hidden)):
+                if b is not None:
+                    nn.init.uniform_(b, -1.0 / math.sqrt(fan_in), 1.0 / math.sqrt(fan_in))
+            for m, v in enumerate(self.visible_experts):
+                self.router_weight[m, :, v:] = 0.0
+        for name, mask in masks.items():
+            self._set_rows(name, getattr(self, name).detach(), mask)
 
     def _token_tasks(self, task_ids, lead_shape) -> Union[int, Tensor]:
         if self.num_tasks == 1:
@@ -148,15 +312,27 @@ class MoE(nn.Module):
         lead = tuple(x.shape[:-1])
         x2 = x.reshape(-1, self.dim)
         tasks = self._token_tasks(task_ids, lead)
-        xr, wr = x2, self.router_weight
+        E = self.num_experts
+        xr, wr = x2, self.effective("router_weight")
         if self.router_dtype is not None:
             xr, wr = x2.to(self.router_dtype), wr.to(self.router_dtype)
-        if self.num_tasks == 1:
-            routing = route(xr @ wr[0], self.k, backend=self.backend, **self.route_options)
+        if isinstance(tasks, Tensor):
+            if not self._restricted:
+                routing = task_route(xr, wr, tasks, self.k, backend=self.backend, **self.route_options)
+            else:
+                routing = self._masked_task_route(xr, wr, tasks)
+            v = E
         else:
-            routing = task_route(xr, wr, tasks, self.k, backend=self.backend, **self.route_options)
-        y = moe_mlp(x2, routing, self.w1, self.w2, self.activation, self.b1, self.b2,
-                    backend=self.backend)
+            # one task for the whole batch: its router alone, over the experts it can see
+            check_int(tasks, "nn.MoE", "task_ids", lo=0, hi=self.num_tasks - 1)
+            v = self.visible_experts[tasks]
+            w = wr[tasks] if v == E else wr[tasks, :, :v].contiguous()
+            routing = route(xr @ w, self.k, backend=self.backend, **self.route_options)
+        w1, w2, b1, b2 = (self.effective(n) for n in ("w1", "w2", "b1", "b2"))
+        if v < E:  # a prefix of the experts: contiguous views, no copy
+            w1, w2 = w1[:v], w2[:v]
+            b1, b2 = (None if b is None else b[:v] for b in (b1, b2))
+        y = moe_mlp(x2, routing, w1, w2, self.activation, b1, b2, backend=self.backend)
 
         losses = {}
         aux = y.new_zeros((), dtype=torch.float32)
@@ -168,6 +344,8 @@ class MoE(nn.Module):
             aux = aux + self.z_loss_coef * losses["z_loss"]
         if self.num_tasks > 1 and self.mi_coef:
             gates = routing.dense_weights()
+            if v < E:
+                gates = torch.nn.functional.pad(gates, (0, E - v))
             if self.mutual_information is not None:
                 mi = self.mutual_information(gates, tasks, backend=self.backend)
             else:
@@ -176,7 +354,24 @@ class MoE(nn.Module):
             aux = aux + self.mi_coef * mi
         return MoEOutput(y.reshape(*lead, self.out_dim), aux, losses, routing)
 
+    def _masked_task_route(self, xr: Tensor, wr: Tensor, tasks: Tensor) -> Routing:
+        """Per-token tasks that see different numbers of experts: every router's logits in one GEMM,
+        each token's row picked, and the experts its task cannot see pushed to ``min - 1e4``
+        (finite; softmax and sigmoid scores exactly 0, below every visible logit, so never chosen)."""
+        if not torch.compiler.is_compiling():
+            check_index_range(tasks, self.num_tasks, "nn.MoE", "task_ids")
+        T, d = xr.shape
+        M, E = self.num_tasks, self.num_experts
+        t = tasks.long()
+        all_logits = (xr @ wr.permute(1, 0, 2).reshape(d, M * E)).view(T, M, E)
+        logits = all_logits.gather(1, t.view(T, 1, 1).expand(T, 1, E)).squeeze(1)
+        visible = torch.arange(E, device=xr.device) < self._visible[t].unsqueeze(1)
+        far = logits.detach().amin(1, keepdim=True) - 1e4
+        logits = torch.where(visible, logits, far).contiguous()
+        return route(logits, self.k, backend=self.backend, **self.route_options)
+
     def extra_repr(self) -> str:
+        vis = f"visible_experts={self.visible_experts}, " if self._restricted else ""
         return (f"dim={self.dim}, hidden={self.hidden}, num_experts={self.num_experts}, k={self.k}, "
-                f"num_tasks={self.num_tasks}, activation={self.activation!r}, "
+                f"num_tasks={self.num_tasks}, {vis}activation={self.activation!r}, "
                 f"bias={self.b1 is not None}, {self.route_options}")
