@@ -1,0 +1,908 @@
+"""Reconciliation layers and the expanded multi-branch backbone (X-Learner Sec. 3.2, INTERN Sec. 7.1.1).
+
+X-Learner's Eq. 2 fuses detached features of the other tasks' sub-backbones into each task's stage
+outputs::
+
+    F_i^t = E_i^t + sum_{k != t} sum_{j <= i} gamma_{j->i}^{k->t}( stopgrad(E_j^k) )
+
+with each link ``gamma_{j->i}`` composed of one ``gamma_b`` and ``i - j`` ``gamma_a``. INTERN's Up-G
+"knowledge transfer modules" are the same construction (a module at stage d collects stages 1..d of
+every auxiliary branch, detached, and merges them into the main branch), with the "Non-Linear" module
+as the default ``gamma_b``.
+
+Pieces (all layouts ``"nchw"`` ``[B, C, H, W]`` or ``"nhwc"`` ``[B, H, W, C]``):
+
+* :class:`GammaB` -- 1x1 conv + norm (+ activation: INTERN's "Non-Linear" module), the part that
+  fuses into the main branch.
+* :class:`GammaA` -- 3x3 stride-2 conv + BN + ReLU, one stage down (cross-layer links ``j < i``).
+* :class:`GammaC` -- upsample + 1x1 conv, one stage up (X-Learner_t's deep-to-shallow links).
+* :class:`GammaChain` -- ``|i - j|`` of :class:`GammaA` or :class:`GammaC`.
+* :class:`ReconciliationLayer` -- every link into one target ``(t, i)``: detach, chain, ``gamma_b``,
+  sum into the main feature; pure 1x1 links go through ONE :func:`moe_kernels.reconcile` call.
+* :class:`ExpandedBackbone` -- T sub-backbones + the links of a connection pattern, with
+  Algorithm 1's two phases.
+* :class:`TinyResNet` -- a small ResNet-style sub-backbone exposing ``stem`` and ``stages``.
+
+Composition order of a link (a choice: the paper's Fig. 2(a) that fixes it is not in the text).
+``gamma_{j->i} = gamma_b o gamma_a^(i-j)``: the ``gamma_a`` chain runs first and follows the *source*
+branch's own channel progression (``C^k_j -> C^k_{j+1} -> ... -> C^k_i``), then ``gamma_b``
+(``C^k_i -> C^t_i``) fuses at the target's resolution. Reasons: X-Learner Sec. 3.2 says a
+reconciliation layer "obtains features from one task, transforms them with a few operations, and
+then fuses them into the features of another task", and INTERN Sec. 7.1.1 places the module *at*
+stage d, collecting stages 1..d -- the fusing op lives at the target stage; the same-level link
+(``i = j``) is then exactly ``gamma_b``, every link into ``(t, i)`` ends in a ``gamma_b`` of the
+same shape, so all of them are summed by one layer (and one fused op), and the 3x3 convs of the
+chain run at the narrow source widths instead of at ``C_i`` on high-resolution maps.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Sequence
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .._validation import check, check_choice, check_int, fail
+from ..ops.reconcile import reconcile as _fused_reconcile
+from ..reference.reconcile import RECONCILE_ACTIVATIONS
+
+LAYOUTS = ("nchw", "nhwc")
+NORMS = ("bn", "none")
+UPSAMPLE_MODES = ("nearest", "bilinear")
+PATTERNS = ("same_level", "low_level", "high_level", "cross_level", "deep_to_shallow")
+PHASES = ("independent", "joint")
+FUSIONS = ("inline", "output")
+
+__all__ = [
+    "ExpandedBackbone", "GammaA", "GammaB", "GammaC", "GammaChain", "Link", "ReconciliationLayer",
+    "TinyResNet", "reconciliation_links",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# layout helpers
+
+
+def _to_nchw(x: Tensor, layout: str) -> Tensor:
+    """An NCHW *view* of ``x`` (for NHWC it has channels_last strides: no copy)."""
+    return x.permute(0, 3, 1, 2) if layout == "nhwc" else x
+
+
+def _from_nchw(y: Tensor, layout: str) -> Tensor:
+    """Back to ``layout``; an NCHW result in channels_last memory format gives a contiguous NHWC."""
+    return y.permute(0, 2, 3, 1) if layout == "nhwc" else y
+
+
+def _channels(x: Tensor, layout: str) -> int:
+    return x.shape[-1] if layout == "nhwc" else x.shape[1]
+
+
+def _spatial(x: Tensor, layout: str) -> tuple[int, int]:
+    return tuple(x.shape[1:3]) if layout == "nhwc" else tuple(x.shape[2:4])
+
+
+def _act(z: Tensor, activation: str) -> Tensor:
+    if activation == "relu":
+        return F.relu(z)
+    if activation == "gelu":
+        return F.gelu(z)
+    if activation == "silu":
+        return F.silu(z)
+    return z
+
+
+def _check_map(x, op: str, arg: str, layout: str, channels: int) -> None:
+    """4-D feature map in ``layout`` with ``channels`` channels; says so when the layout is swapped."""
+    if not isinstance(x, Tensor):
+        fail(op, arg, f"must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        fail(op, arg, f"must be a 4-D {layout.upper()} feature map, got shape {tuple(x.shape)}")
+    got = _channels(x, layout)
+    if got != channels:
+        other = "nhwc" if layout == "nchw" else "nchw"
+        hint = ""
+        if _channels(x, other) == channels:
+            hint = (f"; it looks like a {other.upper()} tensor but the layout is '{layout}' "
+                    f"(layout mismatch)")
+        fail(op, arg, f"must have {channels} channels in {layout.upper()} layout, got shape "
+                      f"{tuple(x.shape)}{hint}")
+
+
+def _xavier(conv: nn.Conv2d) -> None:
+    # X-Learner Sec. 4.1 (implementation details): reconciliation layers use Glorot init [20].
+    nn.init.xavier_uniform_(conv.weight)
+    if conv.bias is not None:
+        nn.init.zeros_(conv.bias)
+
+
+def _norm_act(activation: str | None) -> str:
+    return "none" if activation is None else activation
+
+
+# ---------------------------------------------------------------------------------------------
+# the pieces of gamma
+
+
+class GammaB(nn.Module):
+    """``gamma_b``: 1x1 conv -> norm -> activation, the part of a link that fuses into the target.
+
+    With ``norm="bn", activation="relu"`` this is INTERN's default "Non-Linear" knowledge transfer
+    module (Sec. 7.2.3, Tab. 22b); ``activation=None`` gives the linear conv + norm form. The conv has
+    a bias only without norm (BN's shift makes it redundant). Works on NCHW maps; the layers that use
+    it handle the layout.
+
+    Example::
+
+        g = GammaB(64, 128)                 # conv1x1(64->128) + BN + ReLU
+        y = g(torch.randn(2, 64, 8, 8))     # [2, 128, 8, 8]
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, *, norm: str = "bn",
+                 activation: str | None = "relu") -> None:
+        super().__init__()
+        op = "nn.GammaB"
+        check_int(in_channels, op, "in_channels", lo=1)
+        check_int(out_channels, op, "out_channels", lo=1)
+        check_choice(norm, op, "norm", NORMS)
+        check_choice(_norm_act(activation), op, "activation", RECONCILE_ACTIVATIONS)
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.activation = _norm_act(activation)
+        self.conv = nn.Conv2d(in_channels, out_channels, 1, bias=(norm == "none"))
+        self.norm = nn.BatchNorm2d(out_channels) if norm == "bn" else None
+        _xavier(self.conv)
+
+    def forward(self, x: Tensor) -> Tensor:
+        z = self.conv(x)
+        if self.norm is not None:
+            z = self.norm(z)
+        return _act(z, self.activation)
+
+    @property
+    def foldable(self) -> bool:
+        """True when the link is one affine map: no norm, or BN in eval mode with running stats."""
+        n = self.norm
+        return n is None or (not n.training and n.running_mean is not None)
+
+    def fused_params(self) -> tuple[Tensor, Tensor]:
+        """``(W [C_in, C_out], b [C_out])`` with ``act(x @ W + b) == forward(x)`` per pixel.
+
+        Eval-mode BN is folded into the 1x1 weights: ``s = gamma / sqrt(var + eps)``,
+        ``W' = W * s``, ``b' = (b - mean) * s + beta``. Differentiable in the conv and BN params.
+        Only valid when :attr:`foldable`.
+        """
+        w = self.conv.weight.reshape(self.out_channels, self.in_channels)
+        b = self.conv.bias
+        n = self.norm
+        if n is not None:
+            s = torch.rsqrt(n.running_var + n.eps)
+            if n.weight is not None:
+                s = s * n.weight
+            w = w * s[:, None]
+            b = -n.running_mean * s if b is None else (b - n.running_mean) * s
+            if n.bias is not None:
+                b = b + n.bias
+        if b is None:
+            b = torch.zeros(self.out_channels, dtype=w.dtype, device=w.device)
+        return w.t().contiguous(), b.contiguous()
+
+    def extra_repr(self) -> str:
+        return f"activation={self.activation!r}"
+
+
+class GammaA(nn.Module):
+    """``gamma_a``: 3x3 stride-2 conv -> BN -> ReLU; brings a map one stage deeper (H, W halved).
+
+    Padding 1 gives ``ceil(H / 2)``, the size a ResNet stage's stride-2 conv gives.
+
+    Example::
+
+        a = GammaA(32, 64, layout="nhwc")
+        y = a(torch.randn(2, 16, 16, 32))   # [2, 8, 8, 64]
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, *, layout: str = "nchw") -> None:
+        super().__init__()
+        op = "nn.GammaA"
+        check_int(in_channels, op, "in_channels", lo=1)
+        check_int(out_channels, op, "out_channels", lo=1)
+        check_choice(layout, op, "layout", LAYOUTS)
+        self.in_channels, self.out_channels, self.layout = in_channels, out_channels, layout
+        self.conv = nn.Conv2d(in_channels, out_channels, 3, stride=2, padding=1, bias=False)
+        self.norm = nn.BatchNorm2d(out_channels)
+        _xavier(self.conv)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = F.relu(self.norm(self.conv(_to_nchw(x, self.layout))))
+        return _from_nchw(y, self.layout)
+
+
+class GammaC(nn.Module):
+    """``gamma_c`` (X-Learner_t, Sec. 3.4): upsample x2 + 1x1 conv; brings a map one stage shallower.
+
+    The 1x1 conv runs *before* the upsampling, at the low resolution (4x fewer FLOPs). This is the
+    same function as upsample-then-conv: a 1x1 conv acts per pixel and both ``nearest`` and
+    ``bilinear`` (``align_corners=False``: weights sum to 1, so the bias passes through) upsampling
+    act per channel, so the two commute. ``mode="nearest"`` is the default (exact x2 inverse of a
+    stride-2 grid, no blur); ``"bilinear"`` is the smoother option.
+
+    Example::
+
+        c = GammaC(128, 64)
+        y = c(torch.randn(2, 128, 4, 4))            # [2, 64, 8, 8]
+        y = c(torch.randn(2, 128, 4, 4), (7, 7))    # explicit output size
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, *, layout: str = "nchw",
+                 mode: str = "nearest") -> None:
+        super().__init__()
+        op = "nn.GammaC"
+        check_int(in_channels, op, "in_channels", lo=1)
+        check_int(out_channels, op, "out_channels", lo=1)
+        check_choice(layout, op, "layout", LAYOUTS)
+        check_choice(mode, op, "mode", UPSAMPLE_MODES)
+        self.in_channels, self.out_channels, self.layout, self.mode = (
+            in_channels, out_channels, layout, mode)
+        self.conv = nn.Conv2d(in_channels, out_channels, 1, bias=True)
+        _xavier(self.conv)
+
+    def forward(self, x: Tensor, size: Sequence[int] | None = None) -> Tensor:
+        y = self.conv(_to_nchw(x, self.layout))
+        kw = {} if self.mode == "nearest" else {"align_corners": False}
+        if size is None:
+            y = F.interpolate(y, scale_factor=2.0, mode=self.mode, **kw)
+        else:
+            y = F.interpolate(y, size=tuple(size), mode=self.mode, **kw)
+        return _from_nchw(y, self.layout)
+
+    def extra_repr(self) -> str:
+        return f"mode={self.mode!r}"
+
+
+class GammaChain(nn.Module):
+    """``|i - j|`` resolution steps of a link: :class:`GammaA` going deeper, :class:`GammaC` going up.
+
+    ``channels`` lists the channels after each step, starting with the input's:
+    ``GammaChain([16, 32, 64])`` is two ``gamma_a`` (16->32->64, H/4). With ``direction="up"`` the
+    steps are ``gamma_c``; ``forward(x, size)`` sends the last step to ``size`` (the target map's
+    spatial size), the others upsample x2.
+
+    Example::
+
+        down = GammaChain([16, 32, 64])                   # stage 0 -> stage 2 of a (16, 32, 64) net
+        up = GammaChain([64, 32, 16], direction="up")     # stage 2 -> stage 0
+    """
+
+    def __init__(self, channels: Sequence[int], *, direction: str = "down", layout: str = "nchw",
+                 upsample: str = "nearest") -> None:
+        super().__init__()
+        op = "nn.GammaChain"
+        channels = list(channels)
+        check(len(channels) >= 2, op, "channels",
+              f"must list at least the input and one step's channels, got {channels}")
+        for n, c in enumerate(channels):
+            check_int(c, op, f"channels[{n}]", lo=1)
+        check_choice(direction, op, "direction", ("down", "up"))
+        check_choice(layout, op, "layout", LAYOUTS)
+        self.direction, self.layout = direction, layout
+        self.in_channels, self.out_channels = channels[0], channels[-1]
+        if direction == "down":
+            steps = [GammaA(a, b, layout=layout) for a, b in itertools.pairwise(channels)]
+        else:
+            steps = [GammaC(a, b, layout=layout, mode=upsample) for a, b in itertools.pairwise(channels)]
+        self.steps = nn.ModuleList(steps)
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def forward(self, x: Tensor, size: Sequence[int] | None = None) -> Tensor:
+        last = len(self.steps) - 1
+        for n, step in enumerate(self.steps):
+            x = step(x, size if n == last else None) if self.direction == "up" else step(x)
+        return x
+
+
+# ---------------------------------------------------------------------------------------------
+# the reconciliation layer
+
+
+class ReconciliationLayer(nn.Module):
+    """All links into one main feature: ``main + sum_n gamma_b_n(adapter_n(stopgrad(aux_n)))``.
+
+    Every aux input is detached on entry (X-Learner Sec. 3.2: "we detach inputs to all
+    reconciliation layers"; INTERN Sec. 7.1.1), so neither the aux tensors nor anything upstream of
+    them gets a gradient from this layer; ``main``, the adapters and the ``gamma_b`` weights do.
+
+    Execution paths, chosen per call and per link:
+
+    * fused: links whose ``gamma_b`` is one affine map (no norm, or eval-mode BN folded into the
+      1x1 weights, see :meth:`GammaB.fused_params`) and whose input needs no gradient (no adapter,
+      or under ``torch.no_grad``) -> ONE :func:`moe_kernels.reconcile` call for all of them. The op
+      works channels-last: an NHWC map is used as is; an NCHW map in ``channels_last`` memory format
+      is viewed with ``permute(0, 2, 3, 1)`` (no copy), a contiguous NCHW map is copied by that
+      permute + ``.contiguous()`` (use ``.to(memory_format=torch.channels_last)`` to avoid it). The
+      NCHW result then comes back in channels_last memory format.
+    * :meth:`_links_with_norm`: detached links with BN in training mode (batch statistics) -- plain
+      torch ops for now, the one place a fused reconcile+BN op will take over.
+    * :meth:`_links_autograd`: links whose adapted input carries a gradient to a ``gamma_a`` /
+      ``gamma_c`` chain. They stay plain autograd: the fused op gives its aux inputs no gradient by
+      contract, but the stop-gradient of Eq. 2 sits *before* the chain, whose weights must learn.
+
+    Args:
+        main_channels: channels of the main feature (and of the output).
+        aux_channels: channels of each raw aux input.
+        adapters: per aux input ``None`` (same resolution) or a module with ``in_channels`` /
+            ``out_channels`` (e.g. :class:`GammaChain`) run on the detached input before ``gamma_b``;
+            a :class:`GammaChain` is given the main map's spatial size.
+        norm: ``"bn"`` or ``"none"`` in each ``gamma_b``.
+        activation: ``None``, ``"relu"`` (default: INTERN's "Non-Linear" module), ``"gelu"``,
+            ``"silu"``.
+        layout: ``"nchw"`` or ``"nhwc"`` for main, aux and output.
+        link_names: names of the links for error messages (default ``aux[n]``).
+        backend: forwarded to :func:`moe_kernels.reconcile`.
+
+    Example::
+
+        layer = ReconciliationLayer(64, [64, 32], adapters=[None, GammaChain([32, 64])])
+        out = layer(main, [aux_same_res, aux_one_stage_up])    # main: [B, 64, H, W]
+    """
+
+    def __init__(self, main_channels: int, aux_channels: Sequence[int], *,
+                 adapters: Sequence[nn.Module | None] | None = None, norm: str = "bn",
+                 activation: str | None = "relu", layout: str = "nchw",
+                 link_names: Sequence[str] | None = None, backend: str | None = None) -> None:
+        super().__init__()
+        op = "nn.ReconciliationLayer"
+        check_int(main_channels, op, "main_channels", lo=1)
+        aux_channels = list(aux_channels)
+        for n, c in enumerate(aux_channels):
+            check_int(c, op, f"aux_channels[{n}]", lo=1)
+        check_choice(layout, op, "layout", LAYOUTS)
+        check_choice(norm, op, "norm", NORMS)
+        check_choice(_norm_act(activation), op, "activation", RECONCILE_ACTIVATIONS)
+        adapters = [None] * len(aux_channels) if adapters is None else list(adapters)
+        check(len(adapters) == len(aux_channels), op, "adapters",
+              f"must have one entry per aux input ({len(aux_channels)}), got {len(adapters)}")
+        names = [f"aux[{n}]" for n in range(len(aux_channels))] if link_names is None else list(link_names)
+        check(len(names) == len(aux_channels), op, "link_names",
+              f"must have one entry per aux input ({len(aux_channels)}), got {len(names)}")
+        proj_in = []
+        for n, (c, a) in enumerate(zip(aux_channels, adapters)):
+            if a is None:
+                proj_in.append(c)
+                continue
+            if not isinstance(a, nn.Module):
+                fail(op, f"adapters[{n}]", f"must be an nn.Module or None, got {type(a).__name__}")
+            ci, co = getattr(a, "in_channels", None), getattr(a, "out_channels", None)
+            if not isinstance(ci, int) or not isinstance(co, int):
+                fail(op, f"adapters[{n}]", "must have int attributes in_channels and out_channels")
+            if ci != c:
+                fail(op, f"adapters[{n}]", f"takes {ci} channels but aux_channels[{n}] is {c}")
+            if getattr(a, "layout", layout) != layout:
+                fail(op, f"adapters[{n}]", f"has layout '{a.layout}' but the layer's is '{layout}' "
+                                           "(layout mismatch)")
+            proj_in.append(co)
+        self.main_channels, self.aux_channels = main_channels, aux_channels
+        self.layout, self.activation, self.backend = layout, _norm_act(activation), backend
+        self.link_names = names
+        self.adapters = nn.ModuleList([nn.Identity() if a is None else a for a in adapters])
+        self._has_adapter = [a is not None for a in adapters]
+        self.links = nn.ModuleList(
+            [GammaB(c, main_channels, norm=norm, activation=activation) for c in proj_in])
+
+    @property
+    def num_links(self) -> int:
+        return len(self.links)
+
+    # -- forward -----------------------------------------------------------------------------
+
+    def forward(self, main: Tensor, aux: Sequence[Tensor]) -> Tensor:
+        op = "nn.ReconciliationLayer"
+        _check_map(main, op, "main", self.layout, self.main_channels)
+        if isinstance(aux, Tensor):
+            aux = [aux]
+        aux = list(aux)
+        check(len(aux) == self.num_links, op, "aux",
+              f"must hold {self.num_links} tensors (one per link), got {len(aux)}")
+        size = _spatial(main, self.layout)
+        inputs = []
+        for n, a in enumerate(aux):
+            name = self.link_names[n]
+            _check_map(a, op, name, self.layout, self.aux_channels[n])
+            x = a.detach()  # Eq. 2's stopgrad(E_j^k): nothing upstream of a link learns from it
+            if self._has_adapter[n]:
+                ad = self.adapters[n]
+                x = ad(x, size) if isinstance(ad, GammaChain) else ad(x)
+            if x.shape[0] != main.shape[0] or _spatial(x, self.layout) != size:
+                fail(op, name, f"gives a map of batch {x.shape[0]} and size {_spatial(x, self.layout)}"
+                               f" after its adapter but main has batch {main.shape[0]} and size "
+                               f"{size} (mismatched resolutions)")
+            inputs.append(x)
+
+        fused, with_norm, autograd = [], [], []
+        for n, x in enumerate(inputs):
+            if x.requires_grad:
+                autograd.append(n)
+            elif self.links[n].foldable:
+                fused.append(n)
+            else:
+                with_norm.append(n)
+
+        out = main
+        if fused:
+            out = self._links_fused(main, fused, inputs)
+        for extra in (self._links_with_norm(with_norm, inputs),
+                      self._links_autograd(autograd, inputs)):
+            if extra is not None:
+                out = out + extra
+        if not (fused or with_norm or autograd):
+            out = main.clone()  # same contract as mk.reconcile with no aux: a new tensor
+        return out
+
+    def _links_fused(self, main: Tensor, idx: list[int], inputs: list[Tensor]) -> Tensor:
+        """ONE mk.reconcile call for the affine (foldable) links in ``idx``, channels-last."""
+        def cl(t: Tensor) -> Tensor:
+            v = t.permute(0, 2, 3, 1) if self.layout == "nchw" else t
+            return v if v.is_contiguous() else v.contiguous()
+
+        params = [self.links[n].fused_params() for n in idx]
+        out = _fused_reconcile(cl(main), [cl(inputs[n]) for n in idx], [w for w, _ in params],
+                               [b for _, b in params], self.activation, backend=self.backend)
+        return out.permute(0, 3, 1, 2) if self.layout == "nchw" else out
+
+    def _gamma_b(self, n: int, x: Tensor) -> Tensor:
+        return _from_nchw(self.links[n](_to_nchw(x, self.layout)), self.layout)
+
+    def _links_with_norm(self, idx: list[int], inputs: list[Tensor]) -> Tensor | None:
+        """Sum of the detached links whose BN uses batch statistics (training mode).
+
+        INCREMENT, not the final path: conv -> BN -> act in plain torch ops on the detached inputs.
+        When the reconcile op gains its fused BatchNorm, this method is the one to route through it
+        (the inputs here need no gradient, which is the op's contract); nothing else changes.
+        """
+        if not idx:
+            return None
+        acc = None
+        for n in idx:
+            z = self._gamma_b(n, inputs[n])
+            acc = z if acc is None else acc + z
+        return acc
+
+    def _links_autograd(self, idx: list[int], inputs: list[Tensor]) -> Tensor | None:
+        """Sum of the links whose adapted input needs a gradient (trainable gamma_a/gamma_c chain).
+
+        Stays plain autograd on purpose: the fused op gives its aux inputs no gradient, while the
+        chain's weights (after the stop-gradient) must receive one through gamma_b.
+        """
+        if not idx:
+            return None
+        acc = None
+        for n in idx:
+            z = self._gamma_b(n, inputs[n])
+            acc = z if acc is None else acc + z
+        return acc
+
+    def extra_repr(self) -> str:
+        return (f"main_channels={self.main_channels}, aux_channels={self.aux_channels}, "
+                f"layout={self.layout!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# connection patterns
+
+
+class Link(NamedTuple):
+    """One link ``gamma_{src_stage -> dst_stage}^{src_task -> dst_task}`` (0-based indices)."""
+
+    src_task: int
+    src_stage: int
+    dst_task: int
+    dst_stage: int
+
+
+def _default_levels(pattern: str, num_stages: int) -> list[int]:
+    split = (num_stages + 1) // 2
+    if pattern == "low_level":
+        return list(range(split))
+    if pattern == "high_level":
+        return list(range(split, num_stages))
+    return list(range(num_stages))
+
+
+def reconciliation_links(pattern: str | Iterable[Sequence[int]], num_tasks: int,
+                         num_stages: int, *, levels: Iterable[int] | None = None) -> list[Link]:
+    """The links of a connection pattern, sorted by ``(dst_task, dst_stage, src_task, src_stage)``.
+
+    Patterns (``k != t`` always; X-Learner Sec. 3.2/3.4, INTERN Sec. 7.2.3 Tab. 22a):
+
+    * ``"cross_level"``: ``j <= i`` -- Eq. 2, X-Learner's default and INTERN's default;
+      ``T(T-1) * D(D+1)/2`` links.
+    * ``"same_level"``: ``j == i`` only; ``T(T-1) * D``.
+    * ``"low_level"`` / ``"high_level"``: cross-level links with source *and* target among the
+      shallow stages ``0..ceil(D/2)-1`` / the deep stages ``ceil(D/2)..D-1`` (INTERN: "only
+      interconnect at shallow stages" / "applied only at deep stages"); ``T(T-1) * L(L+1)/2`` for
+      ``L`` levels.
+    * ``"deep_to_shallow"``: ``j >= i`` -- X-Learner_t: same-level links kept, the cross-layer ones
+      reversed (deeper sources, ``gamma_c`` instead of ``gamma_a``); ``T(T-1) * D(D+1)/2``.
+    * a list of ``(src_task, src_stage, dst_task, dst_stage)`` tuples (custom).
+
+    ``levels`` overrides the stage subset of a named pattern (both ends of a link must be in it).
+
+    Example::
+
+        len(reconciliation_links("cross_level", 2, 4))   # 2 * 1 * 10 = 20
+    """
+    op = "nn.reconciliation_links"
+    check_int(num_tasks, op, "num_tasks", lo=1)
+    check_int(num_stages, op, "num_stages", lo=1)
+    if isinstance(pattern, str):
+        check_choice(pattern, op, "pattern", PATTERNS)
+        lv = set(_default_levels(pattern, num_stages) if levels is None else levels)
+        for s in lv:
+            check_int(s, op, "levels", lo=0, hi=num_stages - 1)
+        keep = {
+            "same_level": lambda j, i: j == i,
+            "low_level": lambda j, i: j <= i,
+            "high_level": lambda j, i: j <= i,
+            "cross_level": lambda j, i: j <= i,
+            "deep_to_shallow": lambda j, i: j >= i,
+        }[pattern]
+        links = [Link(k, j, t, i) for t in range(num_tasks) for i in range(num_stages)
+                 for k in range(num_tasks) for j in range(num_stages)
+                 if k != t and i in lv and j in lv and keep(j, i)]
+        return links
+    check(levels is None, op, "levels", "applies to the named patterns only, not to a link list")
+    try:
+        raw = [tuple(l) for l in pattern]
+    except TypeError:
+        fail(op, "pattern", f"must be one of {PATTERNS} or a list of (src_task, src_stage, "
+                            f"dst_task, dst_stage) tuples, got {type(pattern).__name__}")
+    links, seen = [], set()
+    for n, l in enumerate(raw):
+        arg = f"pattern[{n}]"
+        check(len(l) == 4, op, arg, f"must be (src_task, src_stage, dst_task, dst_stage), got {l}")
+        k, j, t, i = l
+        for v, hi in ((k, num_tasks), (j, num_stages), (t, num_tasks), (i, num_stages)):
+            check_int(v, op, arg, lo=0, hi=hi - 1)
+        check(k != t, op, arg, f"links task {k} to itself; a link joins two different branches")
+        check(l not in seen, op, arg, f"repeats the link {l}")
+        seen.add(l)
+        links.append(Link(k, j, t, i))
+    return sorted(links, key=lambda l: (l.dst_task, l.dst_stage, l.src_task, l.src_stage))
+
+
+# ---------------------------------------------------------------------------------------------
+# the expanded backbone
+
+
+class ExpandedBackbone(nn.Module):
+    """T sub-backbones joined by reconciliation links (X-Learner's expanded backbone, INTERN's Up-G).
+
+    ``forward(x)`` returns, per task t, the list of fused stage outputs ``[F_1^t, ..., F_D^t]`` of
+    Eq. 2. Links into ``(t, i)`` live in one :class:`ReconciliationLayer` (``self.fusers``, keyed
+    ``"t{t}_s{i}"``); a link ``j < i`` has a :class:`GammaChain` of ``i - j`` ``gamma_a`` following
+    the source branch's channels, ``j > i`` one of ``j - i`` ``gamma_c``.
+
+    Where the fused feature goes (``fusion``):
+
+    * ``"inline"`` (default whenever every link has ``j <= i``): ``F_i^t`` *replaces* ``E_i^t`` as
+      the input of stage ``i+1`` of branch t -- the branches advance stage by stage in lockstep.
+      This is what the papers describe: X-Learner Sec. 3.2 calls ``F_i^t`` "the final fused output
+      at layer i of the sub-backbone for task t" and fuses "into the features of another task at the
+      same or a deeper layer"; INTERN Sec. 7.1 conducts "feature exchange at each stage of the
+      experts" and its Fig. 7 passes "auxiliary features from shallow layers to deep stages of the
+      main branch". Sources are the pre-fusion ``E_j^k`` (Eq. 2 is written with ``E``), i.e. stage j
+      of branch k applied to branch k's own fused ``F_{j-1}^k``. Needs branches exposing
+      ``stages`` (D modules, each taking the previous one's output) and optionally ``stem``.
+    * ``"output"``: every branch runs bare and Eq. 2 is applied to the D outputs only. Required for
+      links with ``j > i`` (``"deep_to_shallow"``): inline, ``F_i^t`` would need ``E_j^k`` (j > i),
+      which needs ``F_i^k``, which needs ``E_j^t`` -- a cycle with no forward order. Works with any
+      branch module returning its D stage features.
+
+    Phases (Algorithm 1): ``set_phase("independent")`` (or ``joint = False``) runs every branch
+    alone, no link runs and the link parameters get no gradient -- steps ``k <= tau``;
+    ``set_phase("joint")`` (default) runs the expanded backbone -- steps ``k > tau``::
+
+        backbone.set_phase("independent" if step <= tau else "joint")
+
+    Inputs: one tensor (every branch sees it; Algorithm 1's joint step feeds the union batch of
+    all tasks to the expanded backbone, and task t's loss reads ``F^t`` on its own samples), or a
+    list of T tensors, one per branch (the independent phase's per-task batches). In the joint
+    phase links pair samples row by row, so per-branch inputs must then hold the same images.
+
+    Gradients: every link detaches its source, so task t's outputs give no gradient to any other
+    branch nor to the links into other branches (their ``.grad`` stays ``None``, so optimizers with
+    weight decay or momentum skip them too). In training mode the forward still updates the BN
+    running statistics of every branch it runs (buffers, not parameters).
+
+    Args:
+        branches: T >= 2 sub-backbones, each returning a list/tuple of D stage features.
+        stage_channels: D channel counts shared by all branches, or one such list per branch;
+            default: each branch's ``stage_channels`` attribute.
+        pattern: a name of :func:`reconciliation_links` or a custom list of links.
+        levels: stage subset for the named patterns (see :func:`reconciliation_links`).
+        fusion: ``"inline"`` or ``"output"``; default inline unless a link has ``j > i``.
+        norm, activation: of every ``gamma_b`` (default BN + ReLU: INTERN's "Non-Linear").
+        layout: ``"nchw"`` or ``"nhwc"``: the layout of the branches' features.
+        upsample: ``"nearest"`` or ``"bilinear"`` in ``gamma_c``.
+        backend: forwarded to :func:`moe_kernels.reconcile`.
+
+    Example::
+
+        nets = [TinyResNet(channels=(16, 32, 64, 128)) for _ in range(2)]
+        ebb = ExpandedBackbone(nets, pattern="cross_level")
+        feats = ebb(torch.randn(2, 3, 32, 32))       # feats[t][i]: F_i^t
+    """
+
+    def __init__(self, branches: Sequence[nn.Module],
+                 stage_channels: Sequence[int | Sequence[int]] | None = None,
+                 pattern: str | Iterable[Sequence[int]] = "cross_level", *,
+                 levels: Iterable[int] | None = None, fusion: str | None = None,
+                 norm: str = "bn", activation: str | None = "relu", layout: str = "nchw",
+                 upsample: str = "nearest", backend: str | None = None) -> None:
+        super().__init__()
+        op = "nn.ExpandedBackbone"
+        if isinstance(branches, nn.Module) and not isinstance(branches, nn.ModuleList):
+            fail(op, "branches", "must be a list of T sub-backbones, got a single module")
+        branches = list(branches)
+        check(len(branches) >= 2, op, "branches",
+              f"must hold at least 2 sub-backbones (T >= 2: links join different tasks), "
+              f"got {len(branches)}")
+        for t, b in enumerate(branches):
+            if not isinstance(b, nn.Module):
+                fail(op, f"branches[{t}]", f"must be an nn.Module, got {type(b).__name__}")
+        check_choice(layout, op, "layout", LAYOUTS)
+        check_choice(upsample, op, "upsample", UPSAMPLE_MODES)
+        T = len(branches)
+        chans = self._resolve_channels(op, branches, stage_channels)
+        D = len(chans[0])
+        for t, b in enumerate(branches):
+            bl = getattr(b, "layout", layout)
+            check(bl == layout, op, f"branches[{t}]",
+                  f"has layout '{bl}' but the backbone's is '{layout}' (layout mismatch)")
+        links = reconciliation_links(pattern, T, D, levels=levels)
+        has_up = any(l.src_stage > l.dst_stage for l in links)
+        if fusion is None:
+            fusion = "output" if has_up else "inline"
+        check_choice(fusion, op, "fusion", FUSIONS)
+        if fusion == "inline":
+            if has_up:
+                fail(op, "fusion", "'inline' is impossible with deep-to-shallow links (src_stage > "
+                                   "dst_stage): F_i^t would need E_j^k (j > i), which needs F_i^k, "
+                                   "which needs E_j^t -- a cycle; use fusion='output'")
+            for t, b in enumerate(branches):
+                st = getattr(b, "stages", None)
+                if st is None or not hasattr(st, "__len__"):
+                    fail(op, f"branches[{t}]", "must expose `stages` (D modules run in sequence, "
+                                               "optionally after `stem`) for fusion='inline'; "
+                                               "or use fusion='output'")
+                check(len(st) == D, op, f"branches[{t}]",
+                      f"has {len(st)} stages but stage_channels gives D={D}")
+
+        self.branches = nn.ModuleList(branches)
+        self.stage_channels = chans
+        self.num_tasks, self.num_stages = T, D
+        self.layout, self.fusion = layout, fusion
+        self.links = links
+        self.joint = True
+        self._sources: dict[str, list[Link]] = {}
+        fusers = {}
+        for t in range(T):
+            for i in range(D):
+                src = [l for l in links if l.dst_task == t and l.dst_stage == i]
+                if not src:
+                    continue
+                adapters: list[nn.Module | None] = []
+                for l in src:
+                    k, j = l.src_task, l.src_stage
+                    if j < i:
+                        adapters.append(GammaChain(chans[k][j:i + 1], direction="down", layout=layout))
+                    elif j > i:
+                        adapters.append(GammaChain(chans[k][i:j + 1][::-1], direction="up",
+                                                   layout=layout, upsample=upsample))
+                    else:
+                        adapters.append(None)
+                key = f"t{t}_s{i}"
+                fusers[key] = ReconciliationLayer(
+                    chans[t][i], [chans[l.src_task][l.src_stage] for l in src], adapters=adapters,
+                    norm=norm, activation=activation, layout=layout, backend=backend,
+                    link_names=[f"branch {l.src_task} stage {l.src_stage} -> branch {t} stage {i}"
+                                for l in src])
+                self._sources[key] = src
+        self.fusers = nn.ModuleDict(fusers)
+
+    @staticmethod
+    def _resolve_channels(op, branches, stage_channels) -> list[list[int]]:
+        T = len(branches)
+        if stage_channels is None:
+            chans = []
+            for t, b in enumerate(branches):
+                sc = getattr(b, "stage_channels", None)
+                if sc is None:
+                    fail(op, "stage_channels", f"is required: branches[{t}] has no `stage_channels`")
+                chans.append(list(sc))
+        else:
+            sc = list(stage_channels)
+            check(len(sc) > 0, op, "stage_channels", "must not be empty")
+            if all(isinstance(c, int) and not isinstance(c, bool) for c in sc):
+                chans = [list(sc) for _ in range(T)]
+            else:
+                check(len(sc) == T, op, "stage_channels",
+                      f"must be D ints or one list of D ints per branch ({T}), got {len(sc)} entries")
+                chans = [list(c) for c in sc]
+        D = len(chans[0])
+        check(D >= 1, op, "stage_channels", "must give at least one stage")
+        for t, c in enumerate(chans):
+            check(len(c) == D, op, "stage_channels",
+                  f"gives {len(c)} stages for branch {t} but {D} for branch 0; all branches need "
+                  "the same D")
+            for i, v in enumerate(c):
+                check_int(v, op, f"stage_channels[{t}][{i}]", lo=1)
+        return chans
+
+    # -- phases ------------------------------------------------------------------------------
+
+    @property
+    def phase(self) -> str:
+        return "joint" if self.joint else "independent"
+
+    def set_phase(self, phase: str) -> ExpandedBackbone:
+        """``"independent"`` (Algorithm 1, k <= tau: branches alone) or ``"joint"`` (k > tau)."""
+        check_choice(phase, "nn.ExpandedBackbone", "phase", PHASES)
+        self.joint = phase == "joint"
+        return self
+
+    @property
+    def num_links(self) -> int:
+        return len(self.links)
+
+    def link_parameters(self):
+        """Parameters of the reconciliation layers (all gamma_a / gamma_b / gamma_c)."""
+        return self.fusers.parameters()
+
+    def branch_parameters(self, task: int):
+        """Parameters of sub-backbone ``task`` (not the links into it)."""
+        return self.branches[task].parameters()
+
+    # -- forward -----------------------------------------------------------------------------
+
+    def _inputs(self, x) -> list[Tensor]:
+        op = "nn.ExpandedBackbone"
+        if isinstance(x, Tensor):
+            return [x] * self.num_tasks
+        xs = list(x)
+        check(len(xs) == self.num_tasks, op, "x",
+              f"must be one tensor or a list of one per branch ({self.num_tasks}), got {len(xs)}")
+        for t, v in enumerate(xs):
+            if not isinstance(v, Tensor):
+                fail(op, f"x[{t}]", f"must be a torch.Tensor, got {type(v).__name__}")
+        return xs
+
+    def _check_stage(self, t: int, i: int, f) -> None:
+        _check_map(f, "nn.ExpandedBackbone", f"branches[{t}] stage {i} output", self.layout,
+                   self.stage_channels[t][i])
+
+    def _bare(self, t: int, x: Tensor) -> list[Tensor]:
+        out = self.branches[t](x)
+        check(isinstance(out, (list, tuple)) and len(out) == self.num_stages, "nn.ExpandedBackbone",
+              f"branches[{t}]", f"must return a list/tuple of D={self.num_stages} stage features, "
+                                f"got {type(out).__name__}"
+                                f"{' of length ' + str(len(out)) if isinstance(out, (list, tuple)) else ''}")
+        for i, f in enumerate(out):
+            self._check_stage(t, i, f)
+        return list(out)
+
+    def _fuse(self, t: int, i: int, main: Tensor, E: list[list[Tensor | None]]) -> Tensor:
+        key = f"t{t}_s{i}"
+        if key not in self.fusers:
+            return main
+        return self.fusers[key](main, [E[l.src_task][l.src_stage] for l in self._sources[key]])
+
+    def forward(self, x: Tensor | Sequence[Tensor]) -> list[list[Tensor]]:
+        xs = self._inputs(x)
+        T, D = self.num_tasks, self.num_stages
+        if not self.joint:
+            return [self._bare(t, xs[t]) for t in range(T)]
+        if self.fusion == "output":
+            E = [self._bare(t, xs[t]) for t in range(T)]
+            return [[self._fuse(t, i, E[t][i], E) for i in range(D)] for t in range(T)]
+        # inline: advance all branches one stage at a time; F_i^t feeds stage i+1 of branch t
+        h = []
+        for t in range(T):
+            stem = getattr(self.branches[t], "stem", None)
+            h.append(xs[t] if stem is None else stem(xs[t]))
+        E: list[list[Tensor | None]] = [[None] * D for _ in range(T)]
+        out: list[list[Tensor]] = [[] for _ in range(T)]
+        for i in range(D):
+            for t in range(T):
+                E[t][i] = self.branches[t].stages[i](h[t])
+                self._check_stage(t, i, E[t][i])
+            for t in range(T):
+                h[t] = self._fuse(t, i, E[t][i], E)
+                out[t].append(h[t])
+        return out
+
+    def extra_repr(self) -> str:
+        return (f"num_tasks={self.num_tasks}, num_stages={self.num_stages}, "
+                f"num_links={self.num_links}, fusion={self.fusion!r}, layout={self.layout!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# a small sub-backbone
+
+
+class _BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = None
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False),
+                                          nn.BatchNorm2d(cout))
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = F.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        return F.relu(y + (x if self.shortcut is None else self.shortcut(x)))
+
+
+class _LayoutSeq(nn.Sequential):
+    """A sequence of NCHW modules that takes and returns maps in ``layout``."""
+
+    def __init__(self, layout: str, *mods: nn.Module) -> None:
+        super().__init__(*mods)
+        self.layout = layout
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _from_nchw(super().forward(_to_nchw(x, self.layout)), self.layout)
+
+
+class TinyResNet(nn.Module):
+    """A small ResNet-style sub-backbone exposing D stage outputs (for tests and recipes).
+
+    ``stem``: 3x3 conv + BN + ReLU (stride 1). ``stages[0]``: ``blocks`` basic residual blocks at
+    ``channels[0]``; ``stages[i > 0]``: the first block has stride 2 (H, W halved, ceil) and a
+    projection shortcut. ``forward`` returns the D stage outputs; with ``layout="nhwc"`` input and
+    outputs are ``[B, H, W, C]`` (computed as channels_last NCHW views, no copies).
+
+    Example::
+
+        net = TinyResNet(channels=(16, 32, 64, 128))
+        c1, c2, c3, c4 = net(torch.randn(2, 3, 32, 32))   # 32x32, 16x16, 8x8, 4x4
+    """
+
+    def __init__(self, in_channels: int = 3, channels: Sequence[int] = (16, 32, 64, 128), *,
+                 blocks: int = 1, layout: str = "nchw") -> None:
+        super().__init__()
+        op = "nn.TinyResNet"
+        check_int(in_channels, op, "in_channels", lo=1)
+        channels = list(channels)
+        check(len(channels) >= 1, op, "channels", "must give at least one stage")
+        for n, c in enumerate(channels):
+            check_int(c, op, f"channels[{n}]", lo=1)
+        check_int(blocks, op, "blocks", lo=1)
+        check_choice(layout, op, "layout", LAYOUTS)
+        self.layout = layout
+        self.stage_channels = tuple(channels)
+        self.stem = _LayoutSeq(layout, nn.Conv2d(in_channels, channels[0], 3, padding=1, bias=False),
+                               nn.BatchNorm2d(channels[0]), nn.ReLU())
+        stages, cin = [], channels[0]
+        for i, c in enumerate(channels):
+            blks = [_BasicBlock(cin if b == 0 else c, c, (2 if i > 0 and b == 0 else 1))
+                    for b in range(blocks)]
+            stages.append(_LayoutSeq(layout, *blks))
+            cin = c
+        self.stages = nn.ModuleList(stages)
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        h = self.stem(x)
+        outs = []
+        for s in self.stages:
+            h = s(h)
+            outs.append(h)
+        return outs
