@@ -601,7 +601,15 @@ def run_table(cfg: harness.Config, dtype: torch.dtype, args, device: torch.devic
     for m in harness.MODES:
         meds = [timings[n][m].median for n in BOUNDS if n in timings and timings[n][m].samples]
         best[m] = min(meds) if meds else None
+    # the issue's measure: peak activation memory, parameters and their gradients excluded. The
+    # weight gradients are allocated during the measured backward and stay live, so subtract them
+    # (leaves[0] is the input; its gradient is an activation gradient and stays counted).
+    for name, mem in memory.items():
+        grads = sum(t.numel() * t.element_size() for t in built[name].leaves[1:] if t.requires_grad)
+        mem["param_grad_bytes"] = grads
+        mem["activation_bytes"] = mem["peak_bytes"] - grads
     dense_mem = memory.get("dense", {}).get("peak_bytes")
+    dense_act = memory.get("dense", {}).get("activation_bytes")
     rows = []
     for name in args.candidates:
         if name in skipped:
@@ -615,6 +623,7 @@ def run_table(cfg: harness.Config, dtype: torch.dtype, args, device: torch.devic
             "ratio_to_best_bound": {m: (t[m].median / best[m] if best[m] else None) for m in harness.MODES},
             "memory": mem,
             "memory_ratio_to_dense": (mem["peak_bytes"] / dense_mem if mem and dense_mem else None),
+            "activation_ratio_to_dense": (mem["activation_bytes"] / dense_act if mem and dense_act else None),
         })
     for b in built.values():
         b.extra.clear()
@@ -630,20 +639,22 @@ def table_markdown(tab: dict) -> str:
             "Best lower bound (ms): " + ", ".join(f"{harness.MODE_TITLES[m]} {harness.fmt_ms(best[m])}"
                                                   for m in harness.MODES) + "\n")
     headers = ["candidate", "backend", "fwd ms [p20-p80]", "x LB", "bwd ms [p20-p80]", "x LB",
-               "fwd+bwd ms [p20-p80]", "x LB", "peak MiB", "x dense", "check", "notes"]
+               "fwd+bwd ms [p20-p80]", "x LB", "peak MiB", "x dense", "act MiB", "x dense", "check", "notes"]
     out = []
     for r in tab["rows"]:
         if "skipped" in r:
-            out.append([r["candidate"], "-", "not run", "", "", "", "", "", "", "", "-",
+            out.append([r["candidate"], "-", "not run", "", "", "", "", "", "", "", "", "", "-",
                         f"SKIPPED: {r['skipped']}"])
             continue
         t, x = r["timings"], r["ratio_to_best_bound"]
         mem = r["memory"]["peak_bytes"] if r["memory"] else None
+        act = r["memory"]["activation_bytes"] if r["memory"] else None
         out.append([r["candidate"], r["backend"],
                     harness.fmt_timing(t["forward"]), harness.fmt_ratio(x["forward"]),
                     harness.fmt_timing(t["backward"]), harness.fmt_ratio(x["backward"]),
                     harness.fmt_timing(t["full"]), harness.fmt_ratio(x["full"]),
                     harness.fmt_mib(mem), harness.fmt_ratio(r["memory_ratio_to_dense"]),
+                    harness.fmt_mib(act), harness.fmt_ratio(r.get("activation_ratio_to_dense")),
                     r["check"], r["notes"]])
     return head + "\n" + harness.markdown_table(headers, out) + "\n"
 
@@ -654,7 +665,9 @@ Columns: times are the median [20th-80th percentile] over round-robin repetition
 mode, measured in the same round-robin. `peak MiB` = peak live torch-allocated bytes during one
 forward+backward above the level at its start (activations, temporaries and the gradients it
 produces; parameters, inputs and output gradients made beforehand are excluded); `x dense` divides
-by the dense bound's peak. The bounds take T*k input rows, so their input gradient is k times
+by the dense bound's peak. `act MiB` = the same peak less the bytes of the parameter gradients
+(issue 3's measure: activation memory, parameters and their gradients excluded; at E=64 the
+expert weight gradients alone are E times the dense MLP's). The bounds take T*k input rows, so their input gradient is k times
 larger than that of the layers taking T tokens. `check`: max error (relative to the largest
 reference value) of the output and of d x against the naive loop with the same weights; moe_kernels
 additionally checks d W1, d W2 and d router. `n/a`: computes something else (drops tokens, other

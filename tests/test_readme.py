@@ -1,4 +1,4 @@
-"""The README's API snippet runs as written."""
+"""The README's python snippets run as written (in order, sharing one namespace)."""
 
 import pathlib
 import re
@@ -14,5 +14,7 @@ def test_readme_api_snippet_runs():
         warnings.simplefilter("ignore")
         ns = {}
         exec(compile(blocks[0], "README.md", "exec"), ns)  # noqa: S102
-    assert ns["out"].output.shape == (1024, 256)
-    assert ns["fused"].shape == (64, 32)
+        assert ns["out"].output.shape == (1024, 256)
+        assert ns["fused"].shape == (64, 32)
+        for block in blocks[1:]:
+            exec(compile(block, "README.md", "exec"), ns)  # noqa: S102
