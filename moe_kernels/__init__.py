@@ -9,7 +9,7 @@ Every op is a ``torch.ops.moe_kernels.*`` custom op with autograd and a fake imp
 (``torch.compile(fullgraph=True)`` works) and runs on a chosen backend (see ``mk.backends``).
 """
 
-from . import adapt, backends, nn, ops, reference
+from . import adapt, backends, distributed, nn, ops, reference
 from ._validation import MoEKernelsError
 from ._version import __version__
 from .backends import BackendUnavailableError
@@ -19,7 +19,7 @@ from .ops import (combine, dispatch, grouped_gemm, grouped_mlp, load_balancing_l
 from .types import Routing
 
 __all__ = [
-    "BackendUnavailableError", "MoEKernelsError", "Routing", "__version__", "adapt", "backends", "combine",
+    "BackendUnavailableError", "MoEKernelsError", "Routing", "__version__", "adapt", "backends", "distributed", "combine",
     "dispatch", "grouped_gemm", "grouped_mlp", "load_balancing_loss", "moe_mlp",
     "mutual_information_ema_update", "mutual_information_loss", "mutual_information_loss_ema", "nn",
     "ops", "reconcile", "reference", "route", "task_route", "z_loss",
