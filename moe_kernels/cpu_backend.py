@@ -45,11 +45,37 @@ def make_kernels(ext) -> dict:
         gx, gw1, gw2, gb1, gb2 = ext.grouped_mlp_bwd(grad_out, x, z, offsets, w1, w2, b1, b2, activation)
         return gx, gw1, gw2, (gb1 if b1 is not None else None), (gb2 if b2 is not None else None)
 
+    import torch
+
+    from .reference import reconcile as ref_reconcile
+
+    native = (torch.float32, torch.bfloat16, torch.float16)  # fp64 (gradcheck) runs the reference
+
+    def reconcile(main, aux, weights, bias, activation, batch_norm=False, bn_weight=None, bn_bias=None,
+                  eps=1e-5):
+        if (main if main is not None else aux[0]).dtype not in native:
+            return ref_reconcile.reconcile_fwd(main, aux, weights, bias, activation, batch_norm, bn_weight,
+                                               bn_bias, eps)
+        return tuple(ext.reconcile_fwd(main, aux, weights, bias, activation, batch_norm, bn_weight, bn_bias,
+                                       eps))
+
+    def reconcile_backward(grad_out, aux, weights, bias, activation, batch_norm=False, bn_weight=None,
+                           bn_bias=None, stats=None):
+        if grad_out.dtype not in native:
+            return ref_reconcile.reconcile_bwd(grad_out, aux, weights, bias, activation, batch_norm,
+                                               bn_weight, bn_bias, stats)
+        return tuple(ext.reconcile_bwd(grad_out, aux, weights, bias, activation, batch_norm, bn_weight,
+                                       bn_bias, stats))
+
     return {
         "route": route,
         "route_backward": ext.route_bwd,
         "task_route": task_route,
         "task_route_backward": lambda *a: tuple(ext.task_route_bwd(*a)),
+        "load_balancing_loss": ext.load_balancing_fwd,
+        "load_balancing_loss_backward": ext.load_balancing_bwd,
+        "z_loss": ext.z_loss_fwd,
+        "z_loss_backward": ext.z_loss_bwd,
         "dispatch": ext.dispatch_fwd,
         "dispatch_backward": ext.dispatch_bwd,
         "combine": ext.combine_fwd,
@@ -58,4 +84,6 @@ def make_kernels(ext) -> dict:
         "grouped_gemm_backward": grouped_gemm_backward,
         "grouped_mlp": grouped_mlp,
         "grouped_mlp_backward": grouped_mlp_backward,
+        "reconcile": reconcile,
+        "reconcile_backward": reconcile_backward,
     }

@@ -213,3 +213,50 @@ def test_grouped_mlp_matches_reference(seg, bias, act, dtype):
     # remainder falls decides whether an element takes the vector or the scalar exp (an ulp apart).
     for i, (a, b) in enumerate(zip(cpu, ref)):
         torch.testing.assert_close(a, b, **TOL[dtype], msg=f"output {i}")
+
+
+# ---------------------------------------------------------------- auxiliary losses
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("shape", [(1, 4, 1), (37, 7, 2), (129, 64, 8), (0, 5, 2)], ids=str)
+def test_router_losses_match_reference(shape, score, dtype):
+    T, E, k = shape
+    torch.manual_seed(T + E)
+    logits = (3 * torch.randn(T, E)).to(dtype)
+    r = mk.route(logits, k, score=score, backend="reference")
+    outs = {}
+    for b in ("reference", "cpu"):
+        lg = logits.clone().requires_grad_()
+        lb = mk.load_balancing_loss(lg, r, backend=b)
+        z = mk.z_loss(lg, backend=b)
+        (glb,) = torch.autograd.grad(lb, lg, torch.tensor(0.7, dtype=lb.dtype), retain_graph=True)
+        (gz,) = torch.autograd.grad(z, lg, torch.tensor(1.3, dtype=z.dtype))
+        outs[b] = (lb, z, glb, gz)
+    # The losses are fp32 (fp64) sums over T*E values that the C++ pass adds in blocks and its own
+    # exp/softmax (a few ulp from ATen's): the fp32 test tolerance covers both. The logit gradients
+    # are rounded to the logits' dtype at the end: that dtype's tolerance.
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    for i, name in enumerate(("load_balancing", "z_loss")):
+        assert outs["cpu"][i].dtype == outs["reference"][i].dtype
+        torch.testing.assert_close(outs["cpu"][i], outs["reference"][i], **TOL[acc], msg=name)
+    for i, name in ((2, "d load_balancing"), (3, "d z_loss")):
+        torch.testing.assert_close(outs["cpu"][i], outs["reference"][i], **TOL[dtype], msg=name)
+
+
+def test_router_losses_thread_invariant():
+    torch.manual_seed(11)
+    logits = torch.randn(999, 13)
+    r = mk.route(logits, 3, backend="cpu")
+    before, res = torch.get_num_threads(), []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            lg = logits.clone().requires_grad_()
+            lb, z = mk.load_balancing_loss(lg, r, backend="cpu"), mk.z_loss(lg, backend="cpu")
+            res.append((lb, z, *torch.autograd.grad(lb + z, lg)))
+    finally:
+        torch.set_num_threads(before)
+    for other in res[1:]:
+        for u, v in zip(res[0], other):
+            assert torch.equal(u, v)

@@ -57,5 +57,30 @@ std::vector<at::Tensor> grouped_mlp_bwd(const at::Tensor& grad_out, const at::Te
                                         const std::optional<at::Tensor>& b1,
                                         const std::optional<at::Tensor>& b2, const std::string& act);
 
+// Detached reconciliation (csrc/cpu/reconcile.cpp): out = main + sum_i act(norm_i(aux_i @ W_i + b_i)) over
+// [N, C] rows (main may be absent: the links alone); norm_i is a training-mode BatchNorm with
+// batch_norm (bn_weight / bn_bias: [L, C] or absent). -> {out, stats [L, 3, C] fp32: batch mean of
+// z + b, inv-std, biased variance; empty without batch_norm}
+std::tuple<at::Tensor, at::Tensor> reconcile_fwd(const std::optional<at::Tensor>& main,
+                                                 const std::vector<at::Tensor>& aux,
+                                                 const std::vector<at::Tensor>& weights,
+                                                 const std::vector<at::Tensor>& bias, const std::string& act,
+                                                 bool batch_norm, const std::optional<at::Tensor>& bn_weight,
+                                                 const std::optional<at::Tensor>& bn_bias, double eps);
+// -> {grad weights, grad biases (empty list without biases), grad bn_weight [L, C], grad bn_bias [L, C]
+// (empty tensors where absent)}; recomputes aux_i @ W_i, keeps nothing
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor, at::Tensor> reconcile_bwd(
+    const at::Tensor& grad_out, const std::vector<at::Tensor>& aux, const std::vector<at::Tensor>& weights,
+    const std::vector<at::Tensor>& bias, const std::string& act, bool batch_norm,
+    const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias,
+    const std::optional<at::Tensor>& stats);
+
+// Router auxiliary losses (csrc/cpu/losses.cpp): fp32 (fp64) scalars; backward in the logits' dtype.
+at::Tensor load_balancing_fwd(const at::Tensor& logits, const at::Tensor& topk_ids, const std::string& score);
+at::Tensor load_balancing_bwd(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& topk_ids,
+                              const std::string& score);
+at::Tensor z_loss_fwd(const at::Tensor& logits);
+at::Tensor z_loss_bwd(const at::Tensor& grad, const at::Tensor& logits);
+
 }  // namespace cpu
 }  // namespace moe_kernels

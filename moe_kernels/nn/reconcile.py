@@ -49,6 +49,10 @@ from .._validation import check, check_choice, check_int, fail
 from ..ops.reconcile import reconcile as _fused_reconcile
 from ..reference.reconcile import RECONCILE_ACTIVATIONS
 
+# the same op, for the links with batch-statistics BN (_links_with_norm); its own name so that the
+# BN path can be observed separately from the affine links' call (tests spy on each)
+_fused_reconcile_bn = _fused_reconcile
+
 LAYOUTS = ("nchw", "nhwc")
 NORMS = ("bn", "none")
 UPSAMPLE_MODES = ("nearest", "bilinear")
@@ -456,19 +460,59 @@ class ReconciliationLayer(nn.Module):
         return _from_nchw(self.links[n](_to_nchw(x, self.layout)), self.layout)
 
     def _links_with_norm(self, idx: list[int], inputs: list[Tensor]) -> Tensor | None:
-        """Sum of the detached links whose BN uses batch statistics (training mode).
+        """Sum of the detached links whose BN is not folded (batch statistics: training mode).
 
-        INCREMENT, not the final path: conv -> BN -> act in plain torch ops on the detached inputs.
-        When the reconcile op gains its fused BatchNorm, this method is the one to route through it
-        (the inputs here need no gradient, which is the op's contract); nothing else changes.
+        ONE fused :func:`moe_kernels.reconcile` call with ``batch_norm=True`` for all of them (per
+        group of links with equal BN settings; the layer builds them equal): 1x1 conv, BN from the
+        batch statistics of the conv output, activation and the sum, channels-last, with the
+        running buffers updated in place and ``num_batches_tracked`` counted exactly as
+        ``nn.BatchNorm2d.forward`` does. The op keeps only the per-channel mean and inv-std for the
+        backward. Called directly in eval mode (running statistics), the same call folds them.
         """
         if not idx:
             return None
-        acc = None
+        groups: dict[tuple, list[int]] = {}
         for n in idx:
-            z = self._gamma_b(n, inputs[n])
-            acc = z if acc is None else acc + z
-        return acc
+            groups.setdefault(self._bn_call(n), []).append(n)
+        total = None
+        for (batch_stats, track, eps, momentum, affine), members in groups.items():
+            bns = [self.links[n].norm for n in members]
+            kw = dict(batch_norm=True, training=batch_stats, eps=eps, momentum=momentum)
+            if affine:
+                kw.update(bn_weight=[b.weight for b in bns], bn_bias=[b.bias for b in bns])
+            if track:
+                kw.update(running_mean=[b.running_mean for b in bns],
+                          running_var=[b.running_var for b in bns])
+            ws, bs = [], []
+            for n in members:
+                conv = self.links[n].conv
+                # [C_in, C_out] as a view of the conv weight: no copy, and its gradient comes back in
+                # the conv weight's layout
+                ws.append(conv.weight.view(conv.out_channels, conv.in_channels).t())
+                bs.append(conv.bias)
+            out = _fused_reconcile_bn(None, [self._channels_last(inputs[n]) for n in members], ws,
+                                      None if any(b is None for b in bs) else bs, self.activation,
+                                      backend=self.backend, **kw)
+            out = out.permute(0, 3, 1, 2) if self.layout == "nchw" else out
+            total = out if total is None else total + out
+        return total
+
+    def _bn_call(self, n: int) -> tuple:
+        """``(batch_stats, track, eps, momentum, affine)``: how link n's BN is called, with the side
+        effect of ``nn.BatchNorm2d.forward`` (``num_batches_tracked += 1`` in training)."""
+        bn = self.links[n].norm
+        momentum = 0.0 if bn.momentum is None else bn.momentum
+        if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+            bn.num_batches_tracked.add_(1)
+            momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+        batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
+        # running buffers: updated with batch statistics, folded without; absent when not tracked
+        track = bn.running_mean is not None and (not bn.training or bn.track_running_stats)
+        return batch_stats, track, bn.eps, float(momentum), bn.weight is not None
+
+    def _channels_last(self, t: Tensor) -> Tensor:
+        v = t.permute(0, 2, 3, 1) if self.layout == "nchw" else t
+        return v if v.is_contiguous() else v.contiguous()
 
     def _links_autograd(self, idx: list[int], inputs: list[Tensor]) -> Tensor | None:
         """Sum of the links whose adapted input needs a gradient (trainable gamma_a/gamma_c chain).
