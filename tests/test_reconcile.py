@@ -516,13 +516,13 @@ def test_reconciliation_layer_bn_training_uses_the_fused_op(momentum, layout, ba
 
     torch.manual_seed(14)
     calls = []
-    real = R._fused_reconcile_bn
+    real = R._fused_reconcile
 
     def spy(*args, **kw):
         calls.append(kw.get("batch_norm"))
         return real(*args, **kw)
 
-    monkeypatch.setattr(R, "_fused_reconcile_bn", spy)
+    monkeypatch.setattr(R, "_fused_reconcile", spy)
     layer = R.ReconciliationLayer(8, [8, 5], norm="bn", activation="relu", layout=layout, backend=backend)
     for gb in layer.links:
         gb.norm.momentum = momentum

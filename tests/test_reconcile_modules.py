@@ -180,19 +180,20 @@ def test_fused_path_is_one_reconcile_call_and_folds_eval_bn(monkeypatch):
     assert calls == [2]
     torch.testing.assert_close(out, PlainLinks(layer)(main, aux), **TOL)
 
-    # BN in training mode: the plain-torch increment, no fused call
+    # BN in training mode: batch statistics inside the op, one fused call for both links
     calls.clear()
     layer = _make_layer("bn", "relu", "nchw", adapters=False)
     layer(main, aux)
-    assert calls == []
+    assert calls == [2]
 
     # eval BN: folded into the 1x1 weights, one fused call, equal to the unfused eval output
     _randomize_bn_stats(layer)
     layer.eval()
+    calls.clear()
     with torch.no_grad():
         folded = layer(main, aux)
+        assert calls == [2]
         unfused = main + layer._links_with_norm([0, 1], [a.detach() for a in aux])
-    assert calls == [2]
     torch.testing.assert_close(folded, unfused, **TOL)
     torch.testing.assert_close(folded, PlainLinks(layer).eval()(main, aux), **TOL)
     # the folded weights themselves: W' = W*s, b' = (0 - mean)*s + beta with s = gamma/sqrt(var+eps)

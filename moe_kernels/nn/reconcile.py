@@ -49,10 +49,6 @@ from .._validation import check, check_choice, check_int, fail
 from ..ops.reconcile import reconcile as _fused_reconcile
 from ..reference.reconcile import RECONCILE_ACTIVATIONS
 
-# the same op, for the links with batch-statistics BN (_links_with_norm); its own name so that the
-# BN path can be observed separately from the affine links' call (tests spy on each)
-_fused_reconcile_bn = _fused_reconcile
-
 LAYOUTS = ("nchw", "nhwc")
 NORMS = ("bn", "none")
 UPSAMPLE_MODES = ("nearest", "bilinear")
@@ -328,8 +324,10 @@ class ReconciliationLayer(nn.Module):
       is viewed with ``permute(0, 2, 3, 1)`` (no copy), a contiguous NCHW map is copied by that
       permute + ``.contiguous()`` (use ``.to(memory_format=torch.channels_last)`` to avoid it). The
       NCHW result then comes back in channels_last memory format.
-    * :meth:`_links_with_norm`: detached links with BN in training mode (batch statistics) -- plain
-      torch ops for now, the one place a fused reconcile+BN op will take over.
+    * :meth:`_links_with_norm`: detached links with BN in training mode (batch statistics) -> one
+      :func:`moe_kernels.reconcile` call with ``batch_norm=True`` per group of links with the same
+      activation (BN inside the op; the backward recomputes the GEMM and keeps only per-channel
+      statistics; the running statistics are updated in place).
     * :meth:`_links_autograd`: links whose adapted input carries a gradient to a ``gamma_a`` /
       ``gamma_c`` chain. They stay plain autograd: the fused op gives its aux inputs no gradient by
       contract, but the stop-gradient of Eq. 2 sits *before* the chain, whose weights must learn.
@@ -490,9 +488,9 @@ class ReconciliationLayer(nn.Module):
                 # the conv weight's layout
                 ws.append(conv.weight.view(conv.out_channels, conv.in_channels).t())
                 bs.append(conv.bias)
-            out = _fused_reconcile_bn(None, [self._channels_last(inputs[n]) for n in members], ws,
-                                      None if any(b is None for b in bs) else bs, self.activation,
-                                      backend=self.backend, **kw)
+            out = _fused_reconcile(None, [self._channels_last(inputs[n]) for n in members], ws,
+                                   None if any(b is None for b in bs) else bs, self.activation,
+                                   backend=self.backend, **kw)
             out = out.permute(0, 3, 1, 2) if self.layout == "nchw" else out
             total = out if total is None else total + out
         return total
