@@ -1,13 +1,18 @@
 """The ``cpu`` backend's kernel table: compiled C++ kernels (csrc/cpu/) behind the op names.
 
-Ops without a native kernel yet are absent, so automatic choice uses the reference for them (see
-:mod:`moe_kernels.backends`); a backward whose forward is native is always present, here the
-reference formula where it is already one ATen pass.
+Ops without a native kernel yet (the mutual-information losses) are absent, so automatic choice
+uses the reference for them (see :mod:`moe_kernels.backends`); a backward whose forward is native is
+always present. ``reconcile`` in fp64 (gradcheck) runs the reference formulas.
 """
 
 from __future__ import annotations
 
+import torch
+
 from ._validation import check_finite
+from .reference import reconcile as ref_reconcile
+
+_RECONCILE_NATIVE = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def make_kernels(ext) -> dict:
@@ -45,15 +50,9 @@ def make_kernels(ext) -> dict:
         gx, gw1, gw2, gb1, gb2 = ext.grouped_mlp_bwd(grad_out, x, z, offsets, w1, w2, b1, b2, activation)
         return gx, gw1, gw2, (gb1 if b1 is not None else None), (gb2 if b2 is not None else None)
 
-    import torch
-
-    from .reference import reconcile as ref_reconcile
-
-    native = (torch.float32, torch.bfloat16, torch.float16)  # fp64 (gradcheck) runs the reference
-
     def reconcile(main, aux, weights, bias, activation, batch_norm=False, bn_weight=None, bn_bias=None,
                   eps=1e-5):
-        if (main if main is not None else aux[0]).dtype not in native:
+        if (main if main is not None else aux[0]).dtype not in _RECONCILE_NATIVE:
             return ref_reconcile.reconcile_fwd(main, aux, weights, bias, activation, batch_norm, bn_weight,
                                                bn_bias, eps)
         return tuple(ext.reconcile_fwd(main, aux, weights, bias, activation, batch_norm, bn_weight, bn_bias,
@@ -61,7 +60,7 @@ def make_kernels(ext) -> dict:
 
     def reconcile_backward(grad_out, aux, weights, bias, activation, batch_norm=False, bn_weight=None,
                            bn_bias=None, stats=None):
-        if grad_out.dtype not in native:
+        if grad_out.dtype not in _RECONCILE_NATIVE:
             return ref_reconcile.reconcile_bwd(grad_out, aux, weights, bias, activation, batch_norm,
                                                bn_weight, bn_bias, stats)
         return tuple(ext.reconcile_bwd(grad_out, aux, weights, bias, activation, batch_norm, bn_weight,
