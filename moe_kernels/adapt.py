@@ -273,6 +273,19 @@ def _finish(layer: MoE, op: str) -> None:
 
 # ---------------------------------------------------------------- add_router
 
+
+def _task_count_and_source(layers, op: str, source_task):
+    """The layers' common number of tasks M (a new task gets id M in every layer) and the validated
+    ``source_task`` (default: the last task)."""
+    Ms = {m.num_tasks for m in layers.values()}
+    check(len(Ms) == 1, op, "model", f"has MoE layers with different numbers of tasks {sorted(Ms)}: "
+                                     "the new task id would differ between layers")
+    M = Ms.pop()
+    if source_task is None:
+        source_task = M - 1
+    check_int(source_task, op, "source_task", lo=0, hi=M - 1)
+    return M, source_task
+
 def add_router(model: nn.Module, num_new: int = 1, *, init: str = "random", source_task: Optional[int] = None,
                unfreeze_experts: Union[int, Sequence[int], Mapping[str, Sequence[int]]] = 0,
                freeze: bool = True, generator: Optional[torch.Generator] = None) -> AdaptReport:
@@ -312,13 +325,7 @@ def add_router(model: nn.Module, num_new: int = 1, *, init: str = "random", sour
     check_choice(init, op, "init", INITS)
     check(isinstance(freeze, bool), op, "freeze", "must be a bool")
     _check_generator(generator, op)
-    Ms = {m.num_tasks for m in layers.values()}
-    check(len(Ms) == 1, op, "model", f"has MoE layers with different numbers of tasks {sorted(Ms)}: "
-                                     "the new task id would differ between layers")
-    M = Ms.pop()
-    if source_task is None:
-        source_task = M - 1
-    check_int(source_task, op, "source_task", lo=0, hi=M - 1)
+    M, source_task = _task_count_and_source(layers, op, source_task)
     # expert ids to keep trainable, per layer, validated before anything changes
     chosen: dict[str, list[int]] = {}
     if isinstance(unfreeze_experts, (Mapping, list, tuple)):
@@ -398,13 +405,7 @@ def add_experts(model: nn.Module, num_new: Union[int, Mapping[str, int]], *, ini
     check_choice(init, op, "init", INITS)
     check(isinstance(freeze, bool), op, "freeze", "must be a bool")
     _check_generator(generator, op)
-    Ms = {m.num_tasks for m in layers.values()}
-    check(len(Ms) == 1, op, "model", f"has MoE layers with different numbers of tasks {sorted(Ms)}: "
-                                     "the new task id would differ between layers")
-    M = Ms.pop()
-    if source_task is None:
-        source_task = M - 1
-    check_int(source_task, op, "source_task", lo=0, hi=M - 1)
+    M, source_task = _task_count_and_source(layers, op, source_task)
 
     before = stats(model)
     if freeze:
