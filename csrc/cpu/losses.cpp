@@ -20,13 +20,6 @@ namespace {
 
 constexpr int64_t kLossBlocks = 64;  // fixed: results never depend on it, only speed does
 
-at::ScalarType loss_acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
-void check_loss_logits(const at::Tensor& logits, const char* op) {
-  TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous() && logits.device().is_cpu(), "moe_kernels cpu ",
-              op, ": logits must be a contiguous 2-D CPU tensor");
-}
-
 // f_e = (assignments chosen for e) / (T * k), from the [T, k] top-k ids
 template <typename acc_t>
 std::vector<acc_t> chosen_share(const at::Tensor& topk_ids, int64_t E) {
@@ -43,9 +36,10 @@ std::vector<acc_t> chosen_share(const at::Tensor& topk_ids, int64_t E) {
 }  // namespace
 
 at::Tensor load_balancing_fwd(const at::Tensor& logits, const at::Tensor& topk_ids, const std::string& score) {
-  check_loss_logits(logits, "load_balancing_loss");
+  check_logits(logits, "load_balancing_loss");
   const int64_t T = logits.size(0), E = logits.size(1);
-  const auto acc = loss_acc_type(logits.scalar_type());
+  const bool softmax = score == "softmax";
+  const auto acc = acc_type_of(logits.scalar_type());
   if (T == 0) return at::zeros({}, logits.options().dtype(acc));
   at::Tensor out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "moe_kernels_lb_fwd", [&] {
@@ -58,7 +52,7 @@ at::Tensor load_balancing_fwd(const at::Tensor& logits, const at::Tensor& topk_i
       for (int64_t b = b0; b < b1; ++b) {
         acc_t* s = part.data() + b * E;
         for (int64_t t = blocks.begin(b); t < blocks.end(b); ++t) {
-          kernels::score_row(lp + t * E, E, score == "softmax", row.data(), q.data());
+          kernels::score_row(lp + t * E, E, softmax, row.data(), q.data());
           for (int64_t e = 0; e < E; ++e) s[e] += q[e];
         }
       }
@@ -77,8 +71,9 @@ at::Tensor load_balancing_fwd(const at::Tensor& logits, const at::Tensor& topk_i
 
 at::Tensor load_balancing_bwd(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& topk_ids,
                               const std::string& score) {
-  check_loss_logits(logits, "load_balancing_loss_backward");
+  check_logits(logits, "load_balancing_loss_backward");
   const int64_t T = logits.size(0), E = logits.size(1);
+  const bool softmax = score == "softmax";
   at::Tensor out = at::empty_like(logits);
   if (T == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "moe_kernels_lb_bwd", [&] {
@@ -90,7 +85,7 @@ at::Tensor load_balancing_bwd(const at::Tensor& grad, const at::Tensor& logits, 
     at::parallel_for(0, T, 256, [&](int64_t t0, int64_t t1) {
       std::vector<acc_t> row(E), q(E);
       for (int64_t t = t0; t < t1; ++t)
-        kernels::load_balancing_grad_row(lp + t * E, f.data(), c, E, score == "softmax", row.data(), q.data(),
+        kernels::load_balancing_grad_row(lp + t * E, f.data(), c, E, softmax, row.data(), q.data(),
                                          op + t * E);
     });
   });
@@ -98,9 +93,9 @@ at::Tensor load_balancing_bwd(const at::Tensor& grad, const at::Tensor& logits, 
 }
 
 at::Tensor z_loss_fwd(const at::Tensor& logits) {
-  check_loss_logits(logits, "z_loss");
+  check_logits(logits, "z_loss");
   const int64_t T = logits.size(0), E = logits.size(1);
-  const auto acc = loss_acc_type(logits.scalar_type());
+  const auto acc = acc_type_of(logits.scalar_type());
   if (T == 0) return at::zeros({}, logits.options().dtype(acc));
   at::Tensor out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "moe_kernels_z_fwd", [&] {
@@ -125,7 +120,7 @@ at::Tensor z_loss_fwd(const at::Tensor& logits) {
 }
 
 at::Tensor z_loss_bwd(const at::Tensor& grad, const at::Tensor& logits) {
-  check_loss_logits(logits, "z_loss_backward");
+  check_logits(logits, "z_loss_backward");
   const int64_t T = logits.size(0), E = logits.size(1);
   at::Tensor out = at::empty_like(logits);
   if (T == 0) return out;

@@ -11,6 +11,15 @@
 namespace moe_kernels {
 namespace cpu {
 
+// Shared by the launchers: the accumulation dtype (fp64 for fp64 input, fp32 otherwise) and the
+// shape check on a [T, E] logits tensor.
+inline at::ScalarType acc_type_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+inline void check_logits(const at::Tensor& logits, const char* op) {
+  TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous() && logits.device().is_cpu(), "moe_kernels cpu ",
+              op, ": logits must be a contiguous 2-D CPU tensor");
+}
+
 // -> {topk_weights, topk_ids, counts, offsets, slots, sources, num_dropped, all_finite}; when
 // all_finite is false the logits hold NaN/inf and nothing else is meaningful
 std::vector<at::Tensor> route_fwd(const at::Tensor& logits, int64_t k, const std::string& score,

@@ -15,8 +15,6 @@ namespace cpu {
 
 namespace {
 
-at::ScalarType acc_type_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
 void check_rows(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.dim() == 2 && t.is_contiguous() && t.device().is_cpu(), "moe_kernels cpu: ", name,
               " must be a contiguous 2-D CPU tensor");

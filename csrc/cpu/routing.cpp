@@ -121,17 +121,6 @@ void plan(const int32_t* ids, const acc_t* top, int64_t T, int k, int64_t E, int
 
 }  // namespace
 
-namespace {
-
-at::ScalarType acc_type_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
-void check_logits(const at::Tensor& logits, const char* op) {
-  TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous() && logits.device().is_cpu(), "moe_kernels cpu ",
-              op, ": logits must be a contiguous 2-D CPU tensor");
-}
-
-}  // namespace
-
 std::vector<at::Tensor> route_fwd(const at::Tensor& logits, int64_t k, const std::string& score,
                                   bool renormalize, int64_t capacity, const std::string& drop_policy,
                                   int64_t pad_to, int64_t num_rows) {

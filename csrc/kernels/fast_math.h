@@ -66,5 +66,16 @@ inline double exp_shifted_sum(const double* x, double shift, double* out, int64_
   return sum;
 }
 
+// row[e] = upcast logits[e]; returns the largest (the shift for exp_shifted_sum).
+template <typename in_t, typename acc_t>
+inline acc_t upcast_row_max(const in_t* logits, int64_t E, acc_t* row) {
+  acc_t m = static_cast<acc_t>(logits[0]);
+  for (int64_t e = 0; e < E; ++e) {
+    row[e] = static_cast<acc_t>(logits[e]);
+    m = row[e] > m ? row[e] : m;
+  }
+  return m;
+}
+
 }  // namespace kernels
 }  // namespace moe_kernels

@@ -19,11 +19,7 @@ namespace kernels {
 // q (acc_t[E]) = the token's scores; `row` (acc_t[E]) receives the upcast logits.
 template <typename in_t, typename acc_t>
 inline void score_row(const in_t* logits, int64_t E, bool softmax, acc_t* row, acc_t* q) {
-  acc_t m = static_cast<acc_t>(logits[0]);
-  for (int64_t e = 0; e < E; ++e) {
-    row[e] = static_cast<acc_t>(logits[e]);
-    m = row[e] > m ? row[e] : m;
-  }
+  const acc_t m = upcast_row_max(logits, E, row);
   if (softmax) {
     const acc_t inv = acc_t(1) / exp_shifted_sum(row, m, q, E);
     for (int64_t e = 0; e < E; ++e) q[e] *= inv;
@@ -64,11 +60,7 @@ inline void load_balancing_grad_row(const in_t* logits, const acc_t* f, acc_t c,
 // `*sum` their sum (so softmax_e = ex[e] / *sum).
 template <typename in_t, typename acc_t>
 inline acc_t logsumexp_row(const in_t* logits, int64_t E, acc_t* row, acc_t* ex, acc_t* sum) {
-  acc_t m = static_cast<acc_t>(logits[0]);
-  for (int64_t e = 0; e < E; ++e) {
-    row[e] = static_cast<acc_t>(logits[e]);
-    m = row[e] > m ? row[e] : m;
-  }
+  const acc_t m = upcast_row_max(logits, E, row);
   *sum = exp_shifted_sum(row, m, ex, E);
   return m + std::log(*sum);
 }

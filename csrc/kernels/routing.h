@@ -76,11 +76,7 @@ inline bool route_row(const in_t* logits, int64_t E, int k, bool softmax, bool r
 template <typename in_t, typename acc_t, typename out_t>
 inline void route_grad_row(const in_t* logits, const int32_t* ids, acc_t* g, int64_t E, int k, bool softmax,
                            bool renormalize, acc_t* row, acc_t* p, acc_t* top, out_t* out) {
-  acc_t m = -std::numeric_limits<acc_t>::infinity();
-  for (int64_t e = 0; e < E; ++e) {
-    row[e] = static_cast<acc_t>(logits[e]);
-    m = row[e] > m ? row[e] : m;
-  }
+  const acc_t m = upcast_row_max(logits, E, row);
   if (softmax) {
     const acc_t inv = acc_t(1) / exp_shifted_sum(row, m, p, E);
     for (int64_t e = 0; e < E; ++e) p[e] *= inv;

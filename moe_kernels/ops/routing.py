@@ -86,11 +86,12 @@ def _task_route(x: Tensor, router_weight: Tensor, task_ids: Optional[Tensor], ba
     if task_ids is not None:
         check_index_range(task_ids, M, "task_route", "task_ids")
     kernel = get_kernel(backend, "task_route")
-    if not getattr(kernel, "checks_finite", False):
+    checked = getattr(kernel, "checks_finite", False)  # a kernel that checks while it reads
+    if not checked:
         check_finite(x, "task_route", "x")
     out = kernel(x, router_weight, task_ids, batch_task, k, score, renormalize, capacity, drop_policy,
                  pad_to, num_rows)
-    if not getattr(kernel, "checks_finite", False):
+    if not checked:
         check_finite(out[0], "task_route", "router_weight (the router logits x @ router_weight)")
     return tuple(out)
 
