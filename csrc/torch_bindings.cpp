@@ -22,6 +22,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("grouped_gemm_bwd", &moe_kernels::cpu::grouped_gemm_bwd, "grouped GEMM backward");
   m.def("grouped_mlp_fwd", &moe_kernels::cpu::grouped_mlp_fwd, "per-expert MLP over row segments");
   m.def("grouped_mlp_bwd", &moe_kernels::cpu::grouped_mlp_bwd, "grouped MLP backward");
+  m.def("moe_mlp_fwd", &moe_kernels::cpu::moe_mlp_fwd, "fused dispatch -> grouped MLP -> combine");
+  m.def("moe_mlp_bwd", &moe_kernels::cpu::moe_mlp_bwd, "fused expert layer backward (keeps only z)");
   m.def("reconcile_fwd", &moe_kernels::cpu::reconcile_fwd, "fused detached reconciliation (+ batch norm)");
   m.def("reconcile_bwd", &moe_kernels::cpu::reconcile_bwd, "reconciliation backward: weight/bias/BN grads");
 }

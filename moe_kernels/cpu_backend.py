@@ -50,6 +50,14 @@ def make_kernels(ext) -> dict:
         gx, gw1, gw2, gb1, gb2 = ext.grouped_mlp_bwd(grad_out, x, z, offsets, w1, w2, b1, b2, activation)
         return gx, gw1, gw2, (gb1 if b1 is not None else None), (gb2 if b2 is not None else None)
 
+    def moe_mlp(x, weights, slots, sources, offsets, w1, w2, b1, b2, activation):
+        return tuple(ext.moe_mlp_fwd(x, weights, slots, sources, offsets, w1, w2, b1, b2, activation))
+
+    def moe_mlp_backward(grad_out, x, z, weights, slots, sources, offsets, w1, w2, b1, b2, activation, need_x,
+                         need_weights, need_params):
+        return tuple(ext.moe_mlp_bwd(grad_out, x, z, weights, slots, sources, offsets, w1, w2, b1, b2, activation,
+                                     need_x, need_weights, need_params))  # undefined -> None
+
     def reconcile(main, aux, weights, bias, activation, batch_norm=False, bn_weight=None, bn_bias=None,
                   eps=1e-5):
         if (main if main is not None else aux[0]).dtype not in _RECONCILE_NATIVE:
@@ -83,6 +91,8 @@ def make_kernels(ext) -> dict:
         "grouped_gemm_backward": grouped_gemm_backward,
         "grouped_mlp": grouped_mlp,
         "grouped_mlp_backward": grouped_mlp_backward,
+        "moe_mlp": moe_mlp,
+        "moe_mlp_backward": moe_mlp_backward,
         "reconcile": reconcile,
         "reconcile_backward": reconcile_backward,
     }

@@ -260,3 +260,110 @@ def test_router_losses_thread_invariant():
     for other in res[1:]:
         for u, v in zip(res[0], other):
             assert torch.equal(u, v)
+
+
+# ---------------------------------------------------------------- the fused expert layer (moe_mlp)
+
+def _rel_err(a, truth):
+    return float((a.double() - truth).norm() / truth.norm().clamp_min(1e-300))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", [dict(), dict(capacity=2, pad_to=4), dict(capacity=3, drop_policy="score")],
+                         ids=str)
+@pytest.mark.parametrize("act", ["gelu", "swiglu"])
+@pytest.mark.parametrize("shape", [s for s, _ in ODD_SHAPES], ids=[n for _, n in ODD_SHAPES])
+def test_moe_mlp_matches_composition_and_reference(shape, act, mode, dtype):
+    T, E, k = shape
+    d, h = 12, 10
+    h1 = 2 * h if act == "swiglu" else h
+    torch.manual_seed(T + E + k)
+    r = mk.route(torch.randn(T, E), k, **mode)
+    x = torch.randn(T, d).to(dtype)
+    params = [torch.randn(E, d, h1) / d ** 0.5, torch.randn(E, h, d) / h ** 0.5, torch.randn(E, h1),
+              torch.randn(E, d)]
+    g = torch.randn(T, d).to(dtype)
+
+    def run(b, dt=dtype, fused=True):
+        xx = x.to(dt).clone().requires_grad_()
+        w = r.topk_weights.detach().to(torch.float64 if dt == torch.float64 else torch.float32).clone()
+        w.requires_grad_()
+        ps = [p.to(dt).clone().requires_grad_() for p in params]
+        rr = r._replace(topk_weights=w)
+        if fused:
+            out = mk.moe_mlp(xx, rr, *ps[:2], act, *ps[2:], backend=b)
+        else:
+            xe = mk.dispatch(xx, rr, backend=b)
+            out = mk.combine(mk.grouped_mlp(xe, rr.offsets, *ps[:2], act, *ps[2:], backend=b), rr, backend=b)
+        out.backward(g.to(dt))
+        return [out, xx.grad, w.grad] + [p.grad for p in ps]
+
+    cpu, comp, ref = run("cpu"), run("cpu", fused=False), run("reference")
+    truth = run("reference", torch.float64)
+    # forward: the same GEMMs on the same rows as the cpu composition, and the same combine
+    assert_exact(cpu[0], comp[0], "moe_mlp forward vs dispatch -> grouped_mlp -> combine")
+    torch.testing.assert_close(cpu[0], ref[0], **TOL[dtype])
+    # backward: the gate gradient is <g W2^T, act(z)> (+ <g, b2>) instead of <g, y>, and d act(z) is
+    # w * (g W2^T) instead of (w * g) W2^T: reordered products, so each gradient is compared with the
+    # fp64 result and must be as accurate as the composition's (2x its error, or a few eps)
+    eps = torch.finfo(dtype).eps
+    names = ["out", "x", "weights", "w1", "w2", "b1", "b2"]
+    for i in range(1, 7):
+        e_cpu, e_ref = _rel_err(cpu[i], truth[i]), _rel_err(ref[i], truth[i])
+        assert e_cpu <= 2 * e_ref + 8 * eps, f"grad {names[i]}: {e_cpu:.3g} vs composition {e_ref:.3g}"
+        if dtype in (torch.float32, torch.float64):
+            torch.testing.assert_close(cpu[i], ref[i], **TOL[dtype], msg=f"grad {names[i]}")
+
+
+def test_moe_mlp_keeps_only_z_and_skips_unneeded_gradients():
+    torch.manual_seed(1)
+    T, E, k, d, h = 40, 5, 2, 16, 24
+    r = mk.route(torch.randn(T, E), k)
+    x = torch.randn(T, d, requires_grad=True)
+    w1, w2 = torch.randn(E, d, h, requires_grad=True), torch.randn(E, h, d, requires_grad=True)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = mk.moe_mlp(x, r, w1, w2, backend="cpu")
+    N = r.num_rows
+    shapes = sorted(tuple(t.shape) for t in saved if t.dim() >= 2)
+    # x, the gate weights, the slots, the weights, and z [N, h]: no dispatched copy [N, d] and no
+    # expert outputs [N, d]; the only saved tensor that is not an input is z
+    assert shapes == sorted([(T, d), (T, k), (T, k), (E, d, h), (E, h, d), (N, h)]), shapes
+    inputs = {id(t) for t in (x, r.topk_weights, r.slots, r.sources, r.offsets, w1, w2)}
+    assert [tuple(t.shape) for t in saved if t is not None and id(t) not in inputs] == [(N, h)]
+    full = torch.autograd.grad(out.square().sum(), [x, w1, w2])
+    # frozen experts and a constant input: only the wanted gradients, equal to the full backward's
+    w1.requires_grad_(False)
+    w2.requires_grad_(False)
+    (gx,) = torch.autograd.grad(mk.moe_mlp(x, r, w1, w2, backend="cpu").square().sum(), [x])
+    assert_exact(gx, full[0], "x gradient with frozen experts")
+    x2 = x.detach()
+    w1.requires_grad_(True)
+    gw1 = torch.autograd.grad(mk.moe_mlp(x2, r, w1, w2, backend="cpu").square().sum(), [w1])[0]
+    assert_exact(gw1, full[1], "w1 gradient with a constant input")
+
+
+def test_moe_mlp_thread_count_does_not_change_results():
+    torch.manual_seed(2)
+    T, E, k, d, h = 300, 13, 3, 24, 20
+    r0 = mk.route(torch.randn(T, E), k, capacity_factor=1.1, pad_to=4)
+    x0, w10, w20 = torch.randn(T, d), torch.randn(E, d, h), torch.randn(E, h, d)
+    before = torch.get_num_threads()
+    res = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            x, w1, w2 = (t.clone().requires_grad_() for t in (x0, w10, w20))
+            w = r0.topk_weights.clone().requires_grad_()
+            out = mk.moe_mlp(x, r0._replace(topk_weights=w), w1, w2, "silu", backend="cpu")
+            res.append([out] + list(torch.autograd.grad(out.square().sum(), [x, w, w1, w2])))
+    finally:
+        torch.set_num_threads(before)
+    for n, other in zip((2, 3), res[1:]):
+        for a, b in zip(res[0], other):
+            assert torch.equal(a, b), f"{n} threads differ from 1 thread"

@@ -5,6 +5,7 @@
 // hidden activation is allocated once at the size of the largest segment and reused by every
 // expert. The sequence of ATen calls per expert is the reference's, so results match it exactly.
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <c10/core/GradMode.h>
 
@@ -15,6 +16,7 @@
 #include <tuple>
 #include <vector>
 
+#include "../kernels/permute.h"
 #include "ops.h"
 
 namespace moe_kernels {
@@ -209,6 +211,138 @@ std::vector<at::Tensor> grouped_mlp_bwd(const at::Tensor& grad_out, const at::Te
     at::mm_out(gx_e, gz, w1[s.e].t());
   });
   return {gx, gw1, gw2, gb1, gb2};
+}
+
+
+// ---- the fused expert layer: gather -> grouped MLP -> combine, keeping only z ----
+
+namespace {
+
+// inverse of slots: the flat assignment t*k + j that each row holds, or -1 (padding)
+std::vector<int64_t> row_assignments(const at::Tensor& slots, int64_t N) {
+  const int64_t A = slots.numel();
+  const int32_t* sp = slots.data_ptr<int32_t>();
+  std::vector<int64_t> inv(static_cast<size_t>(N), -1);
+  at::parallel_for(0, A, 4096, [&](int64_t a0, int64_t a1) {
+    for (int64_t a = a0; a < a1; ++a)
+      if (sp[a] >= 0) inv[sp[a]] = a;
+  });
+  return inv;
+}
+
+// rows [lo, lo + n) of the dispatched buffer, gathered from x into `out` ([>= n, d])
+void gather_segment(const at::Tensor& x, const at::Tensor& sources, int64_t lo, int64_t n, at::Tensor& out) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "moe_kernels_moe_mlp_gather", [&] {
+    kernels::dispatch_rows(x.data_ptr<scalar_t>(), sources.data_ptr<int32_t>() + lo, 0, n, x.size(1),
+                           out.data_ptr<scalar_t>());
+  });
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> moe_mlp_fwd(const at::Tensor& x, const at::Tensor& weights,
+                                               const at::Tensor& slots, const at::Tensor& sources,
+                                               const at::Tensor& offsets, const at::Tensor& w1,
+                                               const at::Tensor& w2, const std::optional<at::Tensor>& b1,
+                                               const std::optional<at::Tensor>& b2, const std::string& act) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.device().is_cpu(),
+              "moe_kernels cpu moe_mlp: x must be a contiguous 2-D CPU tensor");
+  const int64_t N = sources.size(0), d = x.size(1), h1 = w1.size(2), h = w2.size(1), dout = w2.size(2);
+  at::Tensor z = at::empty({N, h1}, x.options());
+  at::Tensor y = at::empty({N, dout}, x.options());  // expert outputs: a temporary, not kept
+  const int64_t used = used_rows(offsets);
+  z.narrow(0, used, N - used).zero_();
+  const auto segs = segments(offsets);
+  const int64_t m = max_rows(segs);
+  auto scratch = [&] { return std::array<at::Tensor, 2>{at::empty({m, d}, x.options()), at::empty({m, h}, x.options())}; };
+  for_each_segment(segs, scratch, [&](const Segment& s, std::array<at::Tensor, 2>& buf) {
+    at::Tensor x_e = buf[0].narrow(0, 0, s.n), h_e = buf[1].narrow(0, 0, s.n);
+    at::Tensor z_e = z.narrow(0, s.lo, s.n), y_e = y.narrow(0, s.lo, s.n);
+    gather_segment(x, sources, s.lo, s.n, x_e);
+    at::mm_out(z_e, x_e, w1[s.e]);
+    if (b1) z_e.add_((*b1)[s.e]);
+    act_fwd(z_e, act, h_e);
+    at::mm_out(y_e, h_e, w2[s.e]);
+    if (b2) y_e.add_((*b2)[s.e]);
+  });
+  return {combine_fwd(y, weights, slots), z};
+}
+
+std::vector<at::Tensor> moe_mlp_bwd(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& z,
+                                    const at::Tensor& weights, const at::Tensor& slots, const at::Tensor& sources,
+                                    const at::Tensor& offsets, const at::Tensor& w1, const at::Tensor& w2,
+                                    const std::optional<at::Tensor>& b1, const std::optional<at::Tensor>& b2,
+                                    const std::string& act, bool need_x, bool need_weights, bool need_params) {
+  TORCH_CHECK(grad_out.dim() == 2 && grad_out.is_contiguous() && grad_out.device().is_cpu(),
+              "moe_kernels cpu moe_mlp backward: grad_out must be a contiguous 2-D CPU tensor");
+  const int64_t N = sources.size(0), d = x.size(1), h1 = w1.size(2), h = w2.size(1), dout = w2.size(2);
+  const int k = static_cast<int>(slots.size(1));
+  const auto acc = acc_type_of(x.scalar_type());
+  const at::Tensor w = weights.to(acc).contiguous();
+  const auto segs = segments(offsets);
+  const std::vector<int64_t> inv = row_assignments(slots, N);
+  at::Tensor gw1, gw2, gb1, gb2;
+  if (need_params) {
+    gw1 = expert_grad_like(w1, segs);
+    gw2 = expert_grad_like(w2, segs);
+    if (b1) gb1 = expert_grad_like(*b1, segs);
+    if (b2) gb2 = expert_grad_like(*b2, segs);
+  }
+  // the gradient of the dispatched rows; rows past offsets[E] are never read (no slot points there)
+  at::Tensor gxe = need_x ? at::empty({N, d}, x.options()) : at::Tensor();
+  at::Tensor gate = need_weights ? at::zeros(w.sizes(), w.options()) : at::Tensor();
+  const int64_t m = max_rows(segs);
+  auto scratch = [&] {
+    return std::array<at::Tensor, 5>{at::empty({m, d}, x.options()), at::empty({m, dout}, x.options()),
+                                     at::empty({m, h}, x.options()), at::empty({m, h}, x.options()),
+                                     at::empty({m, h1}, x.options())};
+  };
+  for_each_segment(segs, scratch, [&](const Segment& s, std::array<at::Tensor, 5>& buf) {
+    at::Tensor x_e = buf[0].narrow(0, 0, s.n), g_e = buf[1].narrow(0, 0, s.n), h_e = buf[2].narrow(0, 0, s.n);
+    at::Tensor u_e = buf[3].narrow(0, 0, s.n), gz = buf[4].narrow(0, 0, s.n);
+    const at::Tensor z_e = z.narrow(0, s.lo, s.n);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "moe_kernels_moe_mlp_bwd", [&] {
+      kernels::assigned_rows(grad_out.data_ptr<scalar_t>(), inv.data(), s.lo, s.n, k, dout,
+                             g_e.data_ptr<scalar_t>());
+    });
+    act_fwd(z_e, act, h_e);         // elementwise recompute from the saved pre-activation
+    at::mm_out(u_e, g_e, w2[s.e].t());  // u = g W2^T, unweighted
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "moe_kernels_moe_mlp_weigh", [&] {
+      auto run = [&](auto acc_tag) {
+        using acc_t = decltype(acc_tag);
+        kernels::weigh_rows<scalar_t, acc_t, acc_t>(inv.data(), w.data_ptr<acc_t>(), s.lo, s.n,
+                                                    h_e.data_ptr<scalar_t>(), h, u_e.data_ptr<scalar_t>(),
+                                                    g_e.data_ptr<scalar_t>(), dout,
+                                                    b2 ? (*b2)[s.e].data_ptr<scalar_t>() : nullptr,
+                                                    need_weights ? gate.data_ptr<acc_t>() : nullptr);
+      };
+      if (acc == at::kDouble)
+        run(double{});
+      else
+        run(float{});
+    });
+    // now g_e = w * g (the combine's row gradient) and u_e = w * g W2^T = d loss / d act(z)
+    if (need_params) {
+      at::Tensor gw2_e = gw2[s.e];
+      at::mm_out(gw2_e, h_e.t(), g_e);
+      if (b2) gb2[s.e].copy_(g_e.to(acc).sum(0));
+    }
+    act_bwd(z_e, u_e, act, gz);
+    if (need_params) {
+      gather_segment(x, sources, s.lo, s.n, x_e);  // the dispatched rows, recomputed
+      at::Tensor gw1_e = gw1[s.e];
+      at::mm_out(gw1_e, x_e.t(), gz);
+      if (b1) gb1[s.e].copy_(gz.to(acc).sum(0));
+    }
+    if (need_x) {
+      at::Tensor gx_e = gxe.narrow(0, s.lo, s.n);
+      at::mm_out(gx_e, gz, w1[s.e].t());
+    }
+  });
+  at::Tensor gx = need_x ? dispatch_bwd(gxe, slots) : at::Tensor();
+  if (need_x) gxe = at::Tensor();
+  at::Tensor gweights = need_weights ? gate.to(weights.scalar_type()) : at::Tensor();
+  return {gx, gweights, gw1, gw2, gb1, gb2};
 }
 
 }  // namespace cpu

@@ -66,6 +66,21 @@ std::vector<at::Tensor> grouped_mlp_bwd(const at::Tensor& grad_out, const at::Te
                                         const std::optional<at::Tensor>& b1,
                                         const std::optional<at::Tensor>& b2, const std::string& act);
 
+// The whole expert layer in one op: out = combine(grouped_mlp(dispatch(x))) -> {out [T, d_out], z [N, h1]}.
+// The dispatched rows and the expert outputs are per-expert scratch, not kept: backward gathers x
+// again and takes the gate-weight gradient as <g W2^T, act(z)>, so only z is saved.
+std::tuple<at::Tensor, at::Tensor> moe_mlp_fwd(const at::Tensor& x, const at::Tensor& weights,
+                                               const at::Tensor& slots, const at::Tensor& sources,
+                                               const at::Tensor& offsets, const at::Tensor& w1,
+                                               const at::Tensor& w2, const std::optional<at::Tensor>& b1,
+                                               const std::optional<at::Tensor>& b2, const std::string& act);
+// -> {gx, g_weights, gw1, gw2, gb1, gb2} (undefined where not needed or absent)
+std::vector<at::Tensor> moe_mlp_bwd(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& z,
+                                    const at::Tensor& weights, const at::Tensor& slots, const at::Tensor& sources,
+                                    const at::Tensor& offsets, const at::Tensor& w1, const at::Tensor& w2,
+                                    const std::optional<at::Tensor>& b1, const std::optional<at::Tensor>& b2,
+                                    const std::string& act, bool need_x, bool need_weights, bool need_params);
+
 // Detached reconciliation (csrc/cpu/reconcile.cpp): out = main + sum_i act(norm_i(aux_i @ W_i + b_i)) over
 // [N, C] rows (main may be absent: the links alone); norm_i is a training-mode BatchNorm with
 // batch_norm (bn_weight / bn_bias: [L, C] or absent). -> {out, stats [L, 3, C] fp32: batch mean of

@@ -7,6 +7,12 @@
 // scatter_rows:  gy[r] = w[a] * g[a / k] for the assignment a that row r holds (each row written
 //                once), zero for rows that hold none.
 // weight_grad:   gw[t,j] = <g[t], y[slots[t,j]]> in acc_t, 0 when dropped.
+// assigned_rows: out[i] = g[inv[lo+i] / k] for the rows of one expert segment (unweighted; zero
+//                for rows that hold no assignment), the fused moe_mlp backward's per-expert input.
+// weigh_rows:    the fused backward's gate step on one segment: gw[a] = <u[i], h[i]> in acc_t (the
+//                gate-weight gradient: <g, act(z) W2 + b2> = <g W2^T, act(z)> + <g, b2>, the
+//                second term only with a bias b2), then g[i] *= w[a] and u[i] *= w[a], each rounded
+//                once to scalar_t.
 #pragma once
 
 #include <cstdint>
@@ -80,6 +86,47 @@ inline void weight_grad_rows(const scalar_t* g, const scalar_t* y, const int32_t
       }
       gw[t * k + j] = static_cast<w_t>(dot);
     }
+}
+
+template <typename scalar_t>
+inline void assigned_rows(const scalar_t* g, const int64_t* inv, int64_t lo, int64_t n, int k, int64_t d,
+                          scalar_t* out) {
+  const size_t bytes = static_cast<size_t>(d) * sizeof(scalar_t);
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t a = inv[lo + i];
+    if (a < 0)
+      std::memset(out + i * d, 0, bytes);
+    else
+      std::memcpy(out + i * d, g + (a / k) * d, bytes);
+  }
+}
+
+template <typename scalar_t, typename w_t, typename acc_t>
+inline void weigh_rows(const int64_t* inv, const w_t* w, int64_t lo, int64_t n, const scalar_t* h,
+                       int64_t dh, scalar_t* u, scalar_t* g, int64_t dg, const scalar_t* b2 /* nullable */,
+                       w_t* gw /* nullable */) {
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t a = inv[lo + i];
+    scalar_t* ui = u + i * dh;
+    scalar_t* gi = g + i * dg;
+    if (a < 0) {  // padding row: g is already zero, and so is u = g W2^T
+      continue;
+    }
+    const scalar_t* hi = h + i * dh;
+    if (gw) {
+      acc_t dot = acc_t(0);
+      for (int64_t c = 0; c < dh; ++c) dot += static_cast<acc_t>(ui[c]) * static_cast<acc_t>(hi[c]);
+      if (b2) {
+        acc_t db = acc_t(0);
+        for (int64_t c = 0; c < dg; ++c) db += static_cast<acc_t>(gi[c]) * static_cast<acc_t>(b2[c]);
+        dot += db;
+      }
+      gw[a] = static_cast<w_t>(dot);
+    }
+    const acc_t wa = static_cast<acc_t>(w[a]);
+    for (int64_t c = 0; c < dh; ++c) ui[c] = static_cast<scalar_t>(static_cast<acc_t>(ui[c]) * wa);
+    for (int64_t c = 0; c < dg; ++c) gi[c] = static_cast<scalar_t>(static_cast<acc_t>(gi[c]) * wa);
+  }
 }
 
 }  // namespace kernels

@@ -12,7 +12,7 @@ from .._validation import (FLOAT_DTYPES, check, check_choice, check_offsets, che
 from ..backends import get_kernel, resolve
 from ..reference.grouped import ACTIVATIONS
 from ..types import Routing
-from .permute import combine, dispatch
+from .permute import _check_routing
 
 
 def _empty_if_none(t: Optional[Tensor], like: Tensor) -> Tensor:
@@ -113,6 +113,69 @@ def _gm_bwd(ctx, grad, _grad_z):
 _grouped_mlp.register_autograd(_gm_bwd, setup_context=_gm_setup)
 
 
+# ---------------------------------------------------------------- moe_mlp (the whole layer)
+
+# outputs: (out [T, d_out], z [N, h1]); only z (the pre-activation) is kept for backward: the
+# dispatched rows are gathered from x again and the expert outputs are never needed (the gate-weight
+# gradient is <g W2^T, act(z)>), so the layer keeps one [N, h1] tensor where the three composed ops
+# keep x dispatched [N, d], z and the expert outputs [N, d_out].
+@torch.library.custom_op("moe_kernels::moe_mlp", mutates_args=())
+def _moe_mlp(x: Tensor, weights: Tensor, slots: Tensor, sources: Tensor, offsets: Tensor, w1: Tensor,
+             w2: Tensor, b1: Optional[Tensor], b2: Optional[Tensor], activation: str,
+             backend: str) -> tuple[Tensor, Tensor]:
+    check_offsets(offsets, sources.shape[0], "moe_mlp")
+    out, z = get_kernel(backend, "moe_mlp")(x, weights, slots, sources, offsets, w1, w2, b1, b2, activation)
+    return out, z
+
+
+@_moe_mlp.register_fake
+def _(x, weights, slots, sources, offsets, w1, w2, b1, b2, activation, backend):
+    return x.new_empty(x.shape[0], w2.shape[2]), x.new_empty(sources.shape[0], w1.shape[2])
+
+
+@torch.library.custom_op("moe_kernels::moe_mlp_backward", mutates_args=())
+def _moe_mlp_backward(grad_out: Tensor, x: Tensor, z: Tensor, weights: Tensor, slots: Tensor, sources: Tensor,
+                      offsets: Tensor, w1: Tensor, w2: Tensor, b1: Optional[Tensor], b2: Optional[Tensor],
+                      activation: str, need_x: bool, need_weights: bool, need_params: bool,
+                      backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    gx, gwt, gw1, gw2, gb1, gb2 = get_kernel(backend, "moe_mlp_backward")(
+        grad_out, x, z, weights, slots, sources, offsets, w1, w2, b1, b2, activation, need_x, need_weights,
+        need_params)
+    return (_empty_if_none(gx, x), _empty_if_none(gwt, weights), _empty_if_none(gw1, w1),
+            _empty_if_none(gw2, w2), _empty_if_none(gb1, w1), _empty_if_none(gb2, w2))
+
+
+@_moe_mlp_backward.register_fake
+def _(grad_out, x, z, weights, slots, sources, offsets, w1, w2, b1, b2, activation, need_x, need_weights,
+      need_params, backend):
+    def like(t, need):
+        return torch.empty_like(t) if need and t is not None else x.new_empty(0)
+    return (like(x, need_x), like(weights, need_weights), like(w1, need_params), like(w2, need_params),
+            like(b1, need_params), like(b2, need_params))
+
+
+def _mm_setup(ctx, inputs, output):
+    x, weights, slots, sources, offsets, w1, w2, b1, b2, activation, backend = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(x, output[1], weights, slots, sources, offsets, w1, w2, b1, b2)
+    ctx.opts = (activation,)
+    ctx.backend = backend
+
+
+def _mm_bwd(ctx, grad, _grad_z):
+    x, z, weights, slots, sources, offsets, w1, w2, b1, b2 = ctx.saved_tensors
+    nx, nw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    npar = any(ctx.needs_input_grad[5:9])
+    gx, gwt, gw1, gw2, gb1, gb2 = _moe_mlp_backward(grad.contiguous(), x, z, weights, slots, sources, offsets,
+                                                    w1, w2, b1, b2, *ctx.opts, nx, nw, npar, ctx.backend)
+    return (gx if nx else None, gwt if nw else None, None, None, None,
+            gw1 if npar else None, gw2 if npar else None,
+            gb1 if npar and b1 is not None else None, gb2 if npar and b2 is not None else None, None, None)
+
+
+_moe_mlp.register_autograd(_mm_bwd, setup_context=_mm_setup)
+
+
 # ---------------------------------------------------------------- public API
 
 def _check_offsets_meta(offsets: Tensor, num_experts: int, op: str, ref: Tensor) -> None:
@@ -192,14 +255,25 @@ def moe_mlp(x: Tensor, routing: Routing, w1: Tensor, w2: Tensor, activation: str
             backend: Optional[str] = None) -> Tensor:
     """The whole expert layer: dispatch -> grouped MLP -> combine with ``routing.topk_weights``.
 
-    ``x`` is ``[T, d]``; returns ``[T, d_out]``. Fast backends may fuse the gather into the first
-    GEMM and the scatter-combine into the second; the reference composes the three ops.
+    ``x`` is ``[T, d]``; returns ``[T, d_out]``. The reference composes the three ops; the ``cpu``
+    backend gathers each expert's rows into per-thread scratch right before its first GEMM and
+    combines from the expert outputs in one pass.
+
+    One autograd node that keeps only the pre-activation ``z`` ``[N, h]`` (plus ``x``, the plan and
+    the weights, which exist anyway): backward gathers ``x`` again per expert and computes the
+    gate-weight gradient as ``<g W2^T, act(z)>``, so neither the dispatched rows nor the expert
+    outputs (``[N, d]`` each) are kept. The output equals the composition ``combine(grouped_mlp(
+    dispatch(x)))`` exactly; gradients agree with it to the rounding of the reordered products.
     """
     op = "moe_mlp"
     _check_mlp(op, x, w1, w2, b1, b2, activation)
-    check(isinstance(routing, Routing), op, "routing", "must be a moe_kernels.Routing")
+    _check_routing(routing, op, x, "x")
     check(routing.num_experts == w1.shape[0], op, "w1",
           f"has {w1.shape[0]} experts but the routing has {routing.num_experts}")
-    xe = dispatch(x, routing, backend=backend)
-    ye = grouped_mlp(xe, routing.offsets, w1, w2, activation, b1, b2, backend=backend)
-    return combine(ye, routing, backend=backend)
+    check(x.shape[0] == routing.num_tokens, op, "x",
+          f"has {x.shape[0]} rows but the routing was built for {routing.num_tokens} tokens")
+    w = routing.topk_weights
+    check_tensor(w, op, "routing.topk_weights", ndim=2, dtypes=FLOAT_DTYPES)
+    check_same_device(op, "x", x, **{"routing.topk_weights": w})
+    return _moe_mlp(x, w, routing.slots, routing.sources, routing.offsets, w1, w2, b1, b2, activation,
+                    resolve(op, x.device, backend))[0]

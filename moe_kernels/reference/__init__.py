@@ -19,6 +19,8 @@ KERNELS = {
     "grouped_gemm_backward": grouped.grouped_gemm_bwd,
     "grouped_mlp": grouped.grouped_mlp_fwd,
     "grouped_mlp_backward": grouped.grouped_mlp_bwd,
+    "moe_mlp": grouped.moe_mlp_fwd,
+    "moe_mlp_backward": grouped.moe_mlp_bwd,
     "reconcile": reconcile.reconcile_fwd,
     "reconcile_backward": reconcile.reconcile_bwd,
     "load_balancing_loss": losses.load_balancing_fwd,

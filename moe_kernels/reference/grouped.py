@@ -121,3 +121,41 @@ def grouped_mlp_bwd(grad_out, x, z, offsets, w1, w2, b1, b2, activation: str):
             gb1[e] = up(gz).sum(0).to(gb1.dtype)
         torch.matmul(gz, w1[e].t(), out=gx[lo:hi])
     return gx, gw1, gw2, gb1, gb2
+
+
+# ---- the whole expert layer: dispatch -> grouped MLP -> combine ----
+
+def _expert_outputs(z, offsets, w2, b2, activation):
+    """The grouped MLP's output rows recomputed from its pre-activation (the forward's exact ops)."""
+    y = torch.zeros(z.shape[0], w2.shape[2], dtype=z.dtype, device=z.device)
+    for e, lo, hi in segments(offsets):
+        torch.matmul(act_fwd(z[lo:hi], activation), w2[e], out=y[lo:hi])
+        if b2 is not None:
+            y[lo:hi] += b2[e]
+    return y
+
+
+def moe_mlp_fwd(x, weights, slots, sources, offsets, w1, w2, b1, b2, activation: str):
+    """-> (out [T, d_out], z [N, h1]): combine(grouped_mlp(dispatch(x))) and the pre-activation."""
+    from .permute import combine_fwd, dispatch_fwd
+
+    y, z = grouped_mlp_fwd(dispatch_fwd(x, slots, sources), offsets, w1, w2, b1, b2, activation)
+    return combine_fwd(y, weights, slots), z
+
+
+def moe_mlp_bwd(grad_out, x, z, weights, slots, sources, offsets, w1, w2, b1, b2, activation: str,
+                need_x: bool, need_weights: bool, need_params: bool):
+    """The composition's backward; the dispatched rows and expert outputs are recomputed from x and z.
+
+    -> (gx, g_weights, gw1, gw2, gb1, gb2), None where not needed or absent.
+    """
+    from .permute import combine_bwd, dispatch_bwd, dispatch_fwd
+
+    y = _expert_outputs(z, offsets, w2, b2, activation)
+    gy, gweights = combine_bwd(grad_out, y, weights, slots, True, need_weights)
+    gxe, gw1, gw2, gb1, gb2 = grouped_mlp_bwd(gy, dispatch_fwd(x, slots, sources), z, offsets, w1, w2, b1, b2,
+                                              activation)
+    gx = dispatch_bwd(gxe, slots) if need_x else None
+    if not need_params:
+        gw1 = gw2 = gb1 = gb2 = None
+    return gx, gweights, gw1, gw2, gb1, gb2
