@@ -3,6 +3,7 @@
 #include <torch/extension.h>
 
 #include "cpu/ops.h"
+#include "cpu/workspace.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "moe_kernels compiled CPU kernels";
@@ -24,6 +25,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("grouped_mlp_bwd", &moe_kernels::cpu::grouped_mlp_bwd, "grouped MLP backward");
   m.def("moe_mlp_fwd", &moe_kernels::cpu::moe_mlp_fwd, "fused dispatch -> grouped MLP -> combine");
   m.def("moe_mlp_bwd", &moe_kernels::cpu::moe_mlp_bwd, "fused expert layer backward (keeps only z)");
+  m.def("workspace_bytes", &moe_kernels::cpu::workspace_bytes, "bytes held by the kernels' buffer pool");
+  m.def("workspace_release", &moe_kernels::cpu::workspace_release, "free the pool's idle buffers");
   m.def("reconcile_fwd", &moe_kernels::cpu::reconcile_fwd, "fused detached reconciliation (+ batch norm)");
   m.def("reconcile_bwd", &moe_kernels::cpu::reconcile_bwd, "reconciliation backward: weight/bias/BN grads");
 }

@@ -15,6 +15,31 @@ from .reference import reconcile as ref_reconcile
 _RECONCILE_NATIVE = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def _ext_or_none():
+    from ._ext import load_cpu
+
+    return load_cpu()[0]
+
+
+def workspace_bytes() -> int:
+    """Bytes held by the cpu kernels' buffer pool, idle or in use (0 when the backend is not built).
+
+    The fused ``moe_mlp`` takes its large buffers (the saved pre-activation, scratch and the expert
+    weight gradients) from a pool that reuses a buffer once nothing else references it, so steps do
+    not pay first-touch page faults on fresh memory. The pool keeps its idle buffers between steps
+    (as ``zero_grad(set_to_none=False)`` keeps gradients); :func:`empty_cache` frees them and
+    ``MOE_KERNELS_CPU_WORKSPACE=0`` turns the pool off.
+    """
+    ext = _ext_or_none()
+    return int(ext.workspace_bytes()) if ext is not None else 0
+
+
+def empty_cache() -> int:
+    """Free the pool's idle buffers (those nothing else references); returns the bytes freed."""
+    ext = _ext_or_none()
+    return int(ext.workspace_release()) if ext is not None else 0
+
+
 def make_kernels(ext) -> dict:
     def route(logits, k, score, renormalize, capacity, drop_policy, pad_to, num_rows):
         *outs, finite = ext.route_fwd(logits, k, score, renormalize, capacity, drop_policy, pad_to, num_rows)

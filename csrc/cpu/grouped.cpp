@@ -9,6 +9,7 @@
 #include <ATen/Parallel.h>
 #include <c10/core/GradMode.h>
 
+#include <algorithm>
 #include <array>
 #include <atomic>
 #include <optional>
@@ -18,6 +19,7 @@
 
 #include "../kernels/permute.h"
 #include "ops.h"
+#include "workspace.h"
 
 namespace moe_kernels {
 namespace cpu {
@@ -46,9 +48,10 @@ int64_t max_rows(const std::vector<Segment>& segs) {
 int64_t used_rows(const at::Tensor& offsets) { return offsets[-1].item<int64_t>(); }
 
 // A per-expert gradient [E, ...] whose experts with rows are all overwritten by out= GEMMs: only the
-// experts without rows need zeros (zero-filling all of it cost 13% of a step at E=64).
+// experts without rows need zeros (zero-filling all of it cost 13% of a step at E=64). It comes from
+// the workspace pool: at E=64 the expert gradients are 64 dense MLPs' worth of fresh pages per step.
 at::Tensor expert_grad_like(const at::Tensor& w, const std::vector<Segment>& segs) {
-  at::Tensor g = at::empty_like(w);
+  at::Tensor g = workspace_empty_like(w);
   std::vector<bool> has_rows(w.size(0), false);
   for (const auto& s : segs) has_rows[s.e] = true;
   for (int64_t e = 0; e < w.size(0); ++e)
@@ -65,11 +68,16 @@ template <typename MakeScratch, typename Body>
 void for_each_segment(const std::vector<Segment>& segs, MakeScratch make_scratch, Body body) {
   const int64_t nt = at::get_num_threads(), ns = static_cast<int64_t>(segs.size());
   if (nt > 1 && ns >= 2 * nt) {
+    // largest segments first: the last ones handed out are the smallest, so the workers finish
+    // close together (each segment's results do not depend on which worker runs it or when)
+    std::vector<int64_t> order(static_cast<size_t>(ns));
+    for (int64_t i = 0; i < ns; ++i) order[i] = i;
+    std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return segs[a].n > segs[b].n; });
     std::atomic<int64_t> next{0};
     at::parallel_for(0, nt, 1, [&](int64_t, int64_t) {
       c10::NoGradGuard no_grad;  // grad mode is thread-local: the workers start with it on
       auto scratch = make_scratch();
-      for (int64_t i = next++; i < ns; i = next++) body(segs[i], scratch);
+      for (int64_t i = next++; i < ns; i = next++) body(segs[order[i]], scratch);
     });
   } else {
     auto scratch = make_scratch();
@@ -248,13 +256,16 @@ std::tuple<at::Tensor, at::Tensor> moe_mlp_fwd(const at::Tensor& x, const at::Te
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.device().is_cpu(),
               "moe_kernels cpu moe_mlp: x must be a contiguous 2-D CPU tensor");
   const int64_t N = sources.size(0), d = x.size(1), h1 = w1.size(2), h = w2.size(1), dout = w2.size(2);
-  at::Tensor z = at::empty({N, h1}, x.options());
-  at::Tensor y = at::empty({N, dout}, x.options());  // expert outputs: a temporary, not kept
+  // z is saved for backward and y is a temporary: both pooled, so steps reuse their pages
+  at::Tensor z = workspace_empty({N, h1}, x.options());
+  at::Tensor y = workspace_empty({N, dout}, x.options());
   const int64_t used = used_rows(offsets);
   z.narrow(0, used, N - used).zero_();
   const auto segs = segments(offsets);
   const int64_t m = max_rows(segs);
-  auto scratch = [&] { return std::array<at::Tensor, 2>{at::empty({m, d}, x.options()), at::empty({m, h}, x.options())}; };
+  auto scratch = [&] {
+    return std::array<at::Tensor, 2>{workspace_empty({m, d}, x.options()), workspace_empty({m, h}, x.options())};
+  };
   for_each_segment(segs, scratch, [&](const Segment& s, std::array<at::Tensor, 2>& buf) {
     at::Tensor x_e = buf[0].narrow(0, 0, s.n), h_e = buf[1].narrow(0, 0, s.n);
     at::Tensor z_e = z.narrow(0, s.lo, s.n), y_e = y.narrow(0, s.lo, s.n);
@@ -289,13 +300,14 @@ std::vector<at::Tensor> moe_mlp_bwd(const at::Tensor& grad_out, const at::Tensor
     if (b2) gb2 = expert_grad_like(*b2, segs);
   }
   // the gradient of the dispatched rows; rows past offsets[E] are never read (no slot points there)
-  at::Tensor gxe = need_x ? at::empty({N, d}, x.options()) : at::Tensor();
+  at::Tensor gxe = need_x ? workspace_empty({N, d}, x.options()) : at::Tensor();
   at::Tensor gate = need_weights ? at::zeros(w.sizes(), w.options()) : at::Tensor();
   const int64_t m = max_rows(segs);
   auto scratch = [&] {
-    return std::array<at::Tensor, 5>{at::empty({m, d}, x.options()), at::empty({m, dout}, x.options()),
-                                     at::empty({m, h}, x.options()), at::empty({m, h}, x.options()),
-                                     at::empty({m, h1}, x.options())};
+    const auto o = x.options();
+    return std::array<at::Tensor, 5>{workspace_empty({m, d}, o), workspace_empty({m, dout}, o),
+                                     workspace_empty({m, h}, o), workspace_empty({m, h}, o),
+                                     workspace_empty({m, h1}, o)};
   };
   for_each_segment(segs, scratch, [&](const Segment& s, std::array<at::Tensor, 5>& buf) {
     at::Tensor x_e = buf[0].narrow(0, 0, s.n), g_e = buf[1].narrow(0, 0, s.n), h_e = buf[2].narrow(0, 0, s.n);

@@ -1,4 +1,4 @@
-// Row gather / weighted gather-sum kernels on raw pointers (no torch headers).
+// Row gather / weighted gather-sum kernels on raw pointers (of torch, only c10's BFloat16 type).
 //
 // dispatch:      out[r] = x[sources[r]] (bit-exact copy), zero where sources[r] == -1.
 // gather_sum:    out[t] = sum_j w[t,j] * y[slots[t,j]] over slots >= 0, accumulated in acc_t in j
@@ -17,6 +17,8 @@
 
 #include <cstdint>
 #include <cstring>
+
+#include <c10/util/BFloat16.h>
 
 namespace moe_kernels {
 namespace kernels {
@@ -101,31 +103,62 @@ inline void assigned_rows(const scalar_t* g, const int64_t* inv, int64_t lo, int
   }
 }
 
+// Element loads/stores for the weighing loops. bf16 goes through its bits (a shift up, and
+// round-to-nearest-even down with NaN kept quiet: c10's own conversion, written without branches)
+// so gcc vectorises the loops; other types use their conversions.
+template <typename scalar_t, typename acc_t>
+struct Elem {
+  static inline acc_t load(const scalar_t* p, int64_t i) { return static_cast<acc_t>(p[i]); }
+  static inline void store(scalar_t* p, int64_t i, acc_t v) { p[i] = static_cast<scalar_t>(v); }
+};
+
+template <>
+struct Elem<c10::BFloat16, float> {
+  static inline float load(const c10::BFloat16* p, int64_t i) {
+    const uint32_t bits = static_cast<uint32_t>(reinterpret_cast<const uint16_t*>(p)[i]) << 16;
+    float f;
+    std::memcpy(&f, &bits, sizeof(f));
+    return f;
+  }
+  static inline void store(c10::BFloat16* p, int64_t i, float v) {
+    uint32_t u;
+    std::memcpy(&u, &v, sizeof(u));
+    const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    reinterpret_cast<uint16_t*>(p)[i] = static_cast<uint16_t>(v != v ? 0x7FC0u : rounded);
+  }
+};
+
 template <typename scalar_t, typename w_t, typename acc_t>
 inline void weigh_rows(const int64_t* inv, const w_t* w, int64_t lo, int64_t n, const scalar_t* h,
                        int64_t dh, scalar_t* u, scalar_t* g, int64_t dg, const scalar_t* b2 /* nullable */,
                        w_t* gw /* nullable */) {
+  using E = Elem<scalar_t, acc_t>;
+  constexpr int kLanes = 8;  // independent partial sums: a fixed order that gcc can vectorise
   for (int64_t i = 0; i < n; ++i) {
     const int64_t a = inv[lo + i];
+    if (a < 0) continue;  // padding row: g is already zero, and so is u = g W2^T
     scalar_t* ui = u + i * dh;
     scalar_t* gi = g + i * dg;
-    if (a < 0) {  // padding row: g is already zero, and so is u = g W2^T
-      continue;
-    }
-    const scalar_t* hi = h + i * dh;
     if (gw) {
-      acc_t dot = acc_t(0);
-      for (int64_t c = 0; c < dh; ++c) dot += static_cast<acc_t>(ui[c]) * static_cast<acc_t>(hi[c]);
+      acc_t part[kLanes] = {};
+      const scalar_t* hi = h + i * dh;
+      int64_t c = 0;
+      for (; c + kLanes <= dh; c += kLanes)
+        for (int j = 0; j < kLanes; ++j) part[j] += E::load(ui, c + j) * E::load(hi, c + j);
+      for (; c < dh; ++c) part[0] += E::load(ui, c) * E::load(hi, c);
       if (b2) {
-        acc_t db = acc_t(0);
-        for (int64_t c = 0; c < dg; ++c) db += static_cast<acc_t>(gi[c]) * static_cast<acc_t>(b2[c]);
-        dot += db;
+        int64_t cb = 0;
+        for (; cb + kLanes <= dg; cb += kLanes)
+          for (int j = 0; j < kLanes; ++j) part[j] += E::load(gi, cb + j) * E::load(b2, cb + j);
+        for (; cb < dg; ++cb) part[0] += E::load(gi, cb) * E::load(b2, cb);
       }
+      acc_t dot = acc_t(0);
+      for (int j = 0; j < kLanes; ++j) dot += part[j];
       gw[a] = static_cast<w_t>(dot);
     }
     const acc_t wa = static_cast<acc_t>(w[a]);
-    for (int64_t c = 0; c < dh; ++c) ui[c] = static_cast<scalar_t>(static_cast<acc_t>(ui[c]) * wa);
-    for (int64_t c = 0; c < dg; ++c) gi[c] = static_cast<scalar_t>(static_cast<acc_t>(gi[c]) * wa);
+    for (int64_t c = 0; c < dh; ++c) E::store(ui, c, E::load(ui, c) * wa);
+    for (int64_t c = 0; c < dg; ++c) E::store(gi, c, E::load(gi, c) * wa);
   }
 }
 
