@@ -235,12 +235,6 @@ def build_grouped(p: Problem, rows: torch.Tensor, counts: list) -> Built:
                  same_function=False, takes_x=False)
 
 
-def _pool_bytes() -> int:
-    from moe_kernels import cpu_backend
-
-    return cpu_backend.workspace_bytes()
-
-
 def _empty_pool() -> None:
     from moe_kernels import cpu_backend
 
@@ -547,7 +541,7 @@ def check_moe_kernels(b: Built, p: Problem, ref: tuple) -> str:
 
 def run_table(cfg: harness.Config, dtype: torch.dtype, args, device: torch.device) -> dict:
     dname = harness.dtype_name(dtype)
-    _empty_pool()  # the previous cell's pooled buffers would count against this cell's memory
+    _empty_pool()  # the previous cell's pooled buffers: freed, not carried into this cell's timings
     p = make_problem(cfg, dtype, device)
     rows_counts = _grouped_rows(p)
     built, skipped = {}, {}
@@ -609,13 +603,9 @@ def run_table(cfg: harness.Config, dtype: torch.dtype, args, device: torch.devic
     if not args.no_memory:
         for c in cands:
             c._reset()
-            # moe_kernels' cpu kernels reuse pooled buffers across steps: allocations served from the
-            # pool are invisible to the allocation walk, so the bytes the pool holds when the step
-            # starts (steady state, after the timed runs) are added to its peak
-            pooled = _pool_bytes() if c.name.startswith("moe_kernels") else 0
+            # (harness.peak_memory empties moe_kernels' buffer pool first, so the pooled buffers
+            # the step uses are allocated, and counted, inside it)
             memory[c.name] = harness.peak_memory(lambda c=c: c.backward(c.forward()), device)
-            memory[c.name]["peak_bytes"] += pooled
-            memory[c.name]["pool_bytes_added"] = pooled
             c._reset()
 
     best = {}
@@ -688,9 +678,8 @@ forward+backward above the level at its start (activations, temporaries and the 
 produces; parameters, inputs and output gradients made beforehand are excluded); `x dense` divides
 by the dense bound's peak. `act MiB` = the same peak less the bytes of the parameter gradients
 (issue 3's measure: activation memory, parameters and their gradients excluded; at E=64 the
-expert weight gradients alone are E times the dense MLP's). For moe_kernels on the cpu backend the
-peak also includes every byte its buffer pool holds when the step starts (pooled buffers are reused
-without an allocation the walk could see). The bounds take T*k input rows, so their input gradient is k times
+expert weight gradients alone are E times the dense MLP's). moe_kernels' cpu buffer pool is emptied
+before the measured step, so every pooled buffer it uses is allocated, and counted, in it. The bounds take T*k input rows, so their input gradient is k times
 larger than that of the layers taking T tokens. `check`: max error (relative to the largest
 reference value) of the output and of d x against the naive loop with the same weights; moe_kernels
 additionally checks d W1, d W2 and d router. `n/a`: computes something else (drops tokens, other

@@ -6,7 +6,7 @@
 //                -ffp-contract=off, this is the reference's exact sequence of roundings.
 // scatter_rows:  gy[r] = w[a] * g[a / k] for the assignment a that row r holds (each row written
 //                once), zero for rows that hold none.
-// weight_grad:   gw[t,j] = <g[t], y[slots[t,j]]> in acc_t, 0 when dropped.
+// weight_grad:   gw[t,j] = <g[t], y[slots[t,j]]> in acc_t (row_dot's order), 0 when dropped.
 // assigned_rows: out[i] = g[inv[lo+i] / k] for the rows of one expert segment (unweighted; zero
 //                for rows that hold no assignment), the fused moe_mlp backward's per-expert input.
 // weigh_rows:    the fused backward's gate step on one segment: gw[a] = <u[i], h[i]> in acc_t (the
@@ -23,87 +23,7 @@
 namespace moe_kernels {
 namespace kernels {
 
-template <typename scalar_t>
-inline void dispatch_rows(const scalar_t* x, const int32_t* sources, int64_t r0, int64_t r1, int64_t d,
-                          scalar_t* out) {
-  const size_t bytes = static_cast<size_t>(d) * sizeof(scalar_t);
-  for (int64_t r = r0; r < r1; ++r) {
-    const int32_t s = sources[r];
-    if (s < 0)
-      std::memset(out + r * d, 0, bytes);
-    else
-      std::memcpy(out + r * d, x + static_cast<int64_t>(s) * d, bytes);
-  }
-}
-
-template <typename scalar_t, typename w_t, typename acc_t>
-inline void gather_sum_rows(const scalar_t* y, const w_t* w, const int32_t* slots, int64_t t0, int64_t t1,
-                            int k, int64_t d, acc_t* acc /* [d] scratch */, scalar_t* out) {
-  for (int64_t t = t0; t < t1; ++t) {
-    for (int64_t c = 0; c < d; ++c) acc[c] = acc_t(0);
-    for (int j = 0; j < k; ++j) {
-      const int32_t s = slots[t * k + j];
-      if (s < 0) continue;
-      const scalar_t* row = y + static_cast<int64_t>(s) * d;
-      if (w) {
-        const acc_t wj = static_cast<acc_t>(w[t * k + j]);
-        for (int64_t c = 0; c < d; ++c) acc[c] += static_cast<acc_t>(row[c]) * wj;
-      } else {
-        for (int64_t c = 0; c < d; ++c) acc[c] += static_cast<acc_t>(row[c]);
-      }
-    }
-    scalar_t* o = out + t * d;
-    for (int64_t c = 0; c < d; ++c) o[c] = static_cast<scalar_t>(acc[c]);
-  }
-}
-
-// inv[r] = the flat assignment t*k + j that row r holds, or -1 (padding / no assignment).
-template <typename scalar_t, typename w_t, typename acc_t>
-inline void scatter_rows(const scalar_t* g, const w_t* w, const int64_t* inv, int64_t r0, int64_t r1,
-                         int k, int64_t d, scalar_t* gy) {
-  for (int64_t r = r0; r < r1; ++r) {
-    scalar_t* o = gy + r * d;
-    const int64_t a = inv[r];
-    if (a < 0) {
-      std::memset(o, 0, static_cast<size_t>(d) * sizeof(scalar_t));
-      continue;
-    }
-    const acc_t wa = static_cast<acc_t>(w[a]);
-    const scalar_t* gt = g + (a / k) * d;
-    for (int64_t c = 0; c < d; ++c) o[c] = static_cast<scalar_t>(static_cast<acc_t>(gt[c]) * wa);
-  }
-}
-
-template <typename scalar_t, typename w_t, typename acc_t>
-inline void weight_grad_rows(const scalar_t* g, const scalar_t* y, const int32_t* slots, int64_t t0,
-                             int64_t t1, int k, int64_t d, w_t* gw) {
-  for (int64_t t = t0; t < t1; ++t)
-    for (int j = 0; j < k; ++j) {
-      const int32_t s = slots[t * k + j];
-      acc_t dot = acc_t(0);
-      if (s >= 0) {
-        const scalar_t* row = y + static_cast<int64_t>(s) * d;
-        const scalar_t* gt = g + t * d;
-        for (int64_t c = 0; c < d; ++c) dot += static_cast<acc_t>(gt[c]) * static_cast<acc_t>(row[c]);
-      }
-      gw[t * k + j] = static_cast<w_t>(dot);
-    }
-}
-
-template <typename scalar_t>
-inline void assigned_rows(const scalar_t* g, const int64_t* inv, int64_t lo, int64_t n, int k, int64_t d,
-                          scalar_t* out) {
-  const size_t bytes = static_cast<size_t>(d) * sizeof(scalar_t);
-  for (int64_t i = 0; i < n; ++i) {
-    const int64_t a = inv[lo + i];
-    if (a < 0)
-      std::memset(out + i * d, 0, bytes);
-    else
-      std::memcpy(out + i * d, g + (a / k) * d, bytes);
-  }
-}
-
-// Element loads/stores for the weighing loops. bf16 goes through its bits (a shift up, and
+// Element loads/stores for the row loops. bf16 goes through its bits (a shift up, and
 // round-to-nearest-even down with NaN kept quiet: c10's own conversion, written without branches)
 // so gcc vectorises the loops; other types use their conversions.
 template <typename scalar_t, typename acc_t>
@@ -128,32 +48,113 @@ struct Elem<c10::BFloat16, float> {
   }
 };
 
+
+// <a, b> over n elements in acc_t: 8 independent partial sums (a fixed order, the same whatever
+// the thread count, that gcc can vectorise without reassociating), then added in lane order.
+template <typename scalar_t, typename acc_t>
+inline acc_t row_dot(const scalar_t* a, const scalar_t* b, int64_t n) {
+  using E = Elem<scalar_t, acc_t>;
+  constexpr int kLanes = 8;
+  acc_t part[kLanes] = {};
+  int64_t c = 0;
+  for (; c + kLanes <= n; c += kLanes)
+    for (int j = 0; j < kLanes; ++j) part[j] += E::load(a, c + j) * E::load(b, c + j);
+  for (; c < n; ++c) part[0] += E::load(a, c) * E::load(b, c);
+  acc_t dot = acc_t(0);
+  for (int j = 0; j < kLanes; ++j) dot += part[j];
+  return dot;
+}
+
+template <typename scalar_t>
+inline void dispatch_rows(const scalar_t* x, const int32_t* sources, int64_t r0, int64_t r1, int64_t d,
+                          scalar_t* out) {
+  const size_t bytes = static_cast<size_t>(d) * sizeof(scalar_t);
+  for (int64_t r = r0; r < r1; ++r) {
+    const int32_t s = sources[r];
+    if (s < 0)
+      std::memset(out + r * d, 0, bytes);
+    else
+      std::memcpy(out + r * d, x + static_cast<int64_t>(s) * d, bytes);
+  }
+}
+
+template <typename scalar_t, typename w_t, typename acc_t>
+inline void gather_sum_rows(const scalar_t* y, const w_t* w, const int32_t* slots, int64_t t0, int64_t t1,
+                            int k, int64_t d, acc_t* acc /* [d] scratch */, scalar_t* out) {
+  using E = Elem<scalar_t, acc_t>;
+  for (int64_t t = t0; t < t1; ++t) {
+    for (int64_t c = 0; c < d; ++c) acc[c] = acc_t(0);
+    for (int j = 0; j < k; ++j) {
+      const int32_t s = slots[t * k + j];
+      if (s < 0) continue;
+      const scalar_t* row = y + static_cast<int64_t>(s) * d;
+      if (w) {
+        const acc_t wj = static_cast<acc_t>(w[t * k + j]);
+        for (int64_t c = 0; c < d; ++c) acc[c] += E::load(row, c) * wj;
+      } else {
+        for (int64_t c = 0; c < d; ++c) acc[c] += E::load(row, c);
+      }
+    }
+    scalar_t* o = out + t * d;
+    for (int64_t c = 0; c < d; ++c) E::store(o, c, acc[c]);
+  }
+}
+
+// inv[r] = the flat assignment t*k + j that row r holds, or -1 (padding / no assignment).
+template <typename scalar_t, typename w_t, typename acc_t>
+inline void scatter_rows(const scalar_t* g, const w_t* w, const int64_t* inv, int64_t r0, int64_t r1,
+                         int k, int64_t d, scalar_t* gy) {
+  for (int64_t r = r0; r < r1; ++r) {
+    scalar_t* o = gy + r * d;
+    const int64_t a = inv[r];
+    if (a < 0) {
+      std::memset(o, 0, static_cast<size_t>(d) * sizeof(scalar_t));
+      continue;
+    }
+    const acc_t wa = static_cast<acc_t>(w[a]);
+    const scalar_t* gt = g + (a / k) * d;
+    for (int64_t c = 0; c < d; ++c) Elem<scalar_t, acc_t>::store(o, c, Elem<scalar_t, acc_t>::load(gt, c) * wa);
+  }
+}
+
+template <typename scalar_t, typename w_t, typename acc_t>
+inline void weight_grad_rows(const scalar_t* g, const scalar_t* y, const int32_t* slots, int64_t t0,
+                             int64_t t1, int k, int64_t d, w_t* gw) {
+  for (int64_t t = t0; t < t1; ++t)
+    for (int j = 0; j < k; ++j) {
+      const int32_t s = slots[t * k + j];
+      acc_t dot = acc_t(0);
+      if (s >= 0) dot = row_dot<scalar_t, acc_t>(g + t * d, y + static_cast<int64_t>(s) * d, d);
+      gw[t * k + j] = static_cast<w_t>(dot);
+    }
+}
+
+template <typename scalar_t>
+inline void assigned_rows(const scalar_t* g, const int64_t* inv, int64_t lo, int64_t n, int k, int64_t d,
+                          scalar_t* out) {
+  const size_t bytes = static_cast<size_t>(d) * sizeof(scalar_t);
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t a = inv[lo + i];
+    if (a < 0)
+      std::memset(out + i * d, 0, bytes);
+    else
+      std::memcpy(out + i * d, g + (a / k) * d, bytes);
+  }
+}
+
 template <typename scalar_t, typename w_t, typename acc_t>
 inline void weigh_rows(const int64_t* inv, const w_t* w, int64_t lo, int64_t n, const scalar_t* h,
                        int64_t dh, scalar_t* u, scalar_t* g, int64_t dg, const scalar_t* b2 /* nullable */,
                        w_t* gw /* nullable */) {
   using E = Elem<scalar_t, acc_t>;
-  constexpr int kLanes = 8;  // independent partial sums: a fixed order that gcc can vectorise
   for (int64_t i = 0; i < n; ++i) {
     const int64_t a = inv[lo + i];
     if (a < 0) continue;  // padding row: g is already zero, and so is u = g W2^T
     scalar_t* ui = u + i * dh;
     scalar_t* gi = g + i * dg;
     if (gw) {
-      acc_t part[kLanes] = {};
-      const scalar_t* hi = h + i * dh;
-      int64_t c = 0;
-      for (; c + kLanes <= dh; c += kLanes)
-        for (int j = 0; j < kLanes; ++j) part[j] += E::load(ui, c + j) * E::load(hi, c + j);
-      for (; c < dh; ++c) part[0] += E::load(ui, c) * E::load(hi, c);
-      if (b2) {
-        int64_t cb = 0;
-        for (; cb + kLanes <= dg; cb += kLanes)
-          for (int j = 0; j < kLanes; ++j) part[j] += E::load(gi, cb + j) * E::load(b2, cb + j);
-        for (; cb < dg; ++cb) part[0] += E::load(gi, cb) * E::load(b2, cb);
-      }
-      acc_t dot = acc_t(0);
-      for (int j = 0; j < kLanes; ++j) dot += part[j];
+      acc_t dot = row_dot<scalar_t, acc_t>(ui, h + i * dh, dh);
+      if (b2) dot += row_dot<scalar_t, acc_t>(gi, b2, dg);
       gw[a] = static_cast<w_t>(dot);
     }
     const acc_t wa = static_cast<acc_t>(w[a]);
