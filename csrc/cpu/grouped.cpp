@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "../kernels/permute.h"
+#include "isa.h"
 #include "ops.h"
 #include "workspace.h"
 
@@ -322,11 +323,13 @@ std::vector<at::Tensor> moe_mlp_bwd(const at::Tensor& grad_out, const at::Tensor
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "moe_kernels_moe_mlp_weigh", [&] {
       auto run = [&](auto acc_tag) {
         using acc_t = decltype(acc_tag);
-        kernels::weigh_rows<scalar_t, acc_t, acc_t>(inv.data(), w.data_ptr<acc_t>(), s.lo, s.n,
-                                                    h_e.data_ptr<scalar_t>(), h, u_e.data_ptr<scalar_t>(),
-                                                    g_e.data_ptr<scalar_t>(), dout,
-                                                    b2 ? (*b2)[s.e].data_ptr<scalar_t>() : nullptr,
-                                                    need_weights ? gate.data_ptr<acc_t>() : nullptr);
+        const acc_t* wp = w.data_ptr<acc_t>();
+        const scalar_t* hp = h_e.data_ptr<scalar_t>();
+        scalar_t* up = u_e.data_ptr<scalar_t>();
+        scalar_t* gp = g_e.data_ptr<scalar_t>();
+        const scalar_t* bp = b2 ? (*b2)[s.e].data_ptr<scalar_t>() : nullptr;
+        acc_t* gate_p = need_weights ? gate.data_ptr<acc_t>() : nullptr;
+        run_isa([&] { kernels::weigh_rows<scalar_t, acc_t, acc_t>(inv.data(), wp, s.lo, s.n, hp, h, up, gp, dout, bp, gate_p); });
       };
       if (acc == at::kDouble)
         run(double{});

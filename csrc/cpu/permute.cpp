@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "../kernels/permute.h"
+#include "isa.h"
 #include "ops.h"
 #include "workspace.h"
 
@@ -36,7 +37,7 @@ void gather_sum(const at::Tensor& y, const at::Tensor* w, const at::Tensor& slot
   scalar_t* op = out.data_ptr<scalar_t>();
   at::parallel_for(0, T, grain(d, sizeof(scalar_t)), [&](int64_t t0, int64_t t1) {
     std::vector<acc_t> acc(static_cast<size_t>(d));
-    kernels::gather_sum_rows<scalar_t, acc_t, acc_t>(yp, wp, sp, t0, t1, k, d, acc.data(), op);
+    run_isa([&] { kernels::gather_sum_rows<scalar_t, acc_t, acc_t>(yp, wp, sp, t0, t1, k, d, acc.data(), op); });
   });
 }
 
@@ -108,7 +109,7 @@ std::tuple<at::Tensor, at::Tensor> combine_bwd(const at::Tensor& grad_out, const
         gy = workspace_empty({N, d}, y.options());
         scalar_t* gyp = gy.data_ptr<scalar_t>();
         at::parallel_for(0, N, grain(d, sizeof(scalar_t)), [&](int64_t r0, int64_t r1) {
-          kernels::scatter_rows<scalar_t, acc_t, acc_t>(gp, wp, inv.data(), r0, r1, k, d, gyp);
+          run_isa([&] { kernels::scatter_rows<scalar_t, acc_t, acc_t>(gp, wp, inv.data(), r0, r1, k, d, gyp); });
         });
       }
       if (need_w) {
@@ -116,7 +117,7 @@ std::tuple<at::Tensor, at::Tensor> combine_bwd(const at::Tensor& grad_out, const
         acc_t* gwp = gacc.data_ptr<acc_t>();
         const scalar_t* yp = y.data_ptr<scalar_t>();
         at::parallel_for(0, T, grain(d * k, sizeof(scalar_t)), [&](int64_t t0, int64_t t1) {
-          kernels::weight_grad_rows<scalar_t, acc_t, acc_t>(gp, yp, sp, t0, t1, k, d, gwp);
+          run_isa([&] { kernels::weight_grad_rows<scalar_t, acc_t, acc_t>(gp, yp, sp, t0, t1, k, d, gwp); });
         });
         gw = gacc.to(weights.scalar_type());
       }

@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "../kernels/reconcile.h"
+#include "isa.h"
 #include "ops.h"
 
 namespace moe_kernels {
@@ -60,47 +61,6 @@ void dispatch_dtype(at::ScalarType t, F&& f) {
     case at::kHalf: f(c10::Half{}); break;
     default: TORCH_CHECK(false, "moe_kernels cpu reconcile: dtype ", t, " is not supported natively");
   }
-}
-
-// The row passes are compute-bound at the baseline ISA the extension is built for (SSE2 on
-// x86-64: 4 floats per instruction). run_isa(f) runs f compiled for the widest vector ISA the CPU
-// has: each variant is a `flatten` function, so f and the kernel templates it calls are inlined into
-// it and vectorised for its target (inlining a baseline function into a wider-target one is
-// allowed). The arithmetic is the same in every variant (no FMA contraction: -ffp-contract=off);
-// only the vector width changes, so results do not depend on the variant (sums are per-lane
-// partial sums of the same order: the kernels accumulate per channel, lanes never mix).
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define MK_MULTI_ISA 1
-template <typename F>
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"), flatten)) void run_avx512(const F& f) {
-  f();
-}
-template <typename F>
-__attribute__((target("avx2"), flatten)) void run_avx2(const F& f) {
-  f();
-}
-int isa_level() {
-  static const int level = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                                   __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")
-                               ? 2
-                               : (__builtin_cpu_supports("avx2") ? 1 : 0);
-  return level;
-}
-#endif
-template <typename F>
-__attribute__((flatten)) void run_baseline(const F& f) {
-  f();
-}
-template <typename F>
-void run_isa(const F& f) {
-#ifdef MK_MULTI_ISA
-  switch (isa_level()) {
-    case 2: run_avx512(f); return;
-    case 1: run_avx2(f); return;
-    default: break;
-  }
-#endif
-  run_baseline(f);
 }
 
 // rows per task of the elementwise passes (any partition gives the same results)
