@@ -3,7 +3,7 @@
 // Each expert's GEMMs run on views of its segment (no copies) with ATen's GEMM (oneDNN/MKL, which
 // parallelises internally) writing in place through the out= variants; per-call scratch for the
 // hidden activation is allocated once at the size of the largest segment and reused by every
-// expert. The sequence of ATen calls per expert is the reference's, so results match it exactly.
+// expert. Outputs, gradients and scratch of 1 MiB and more come from the buffer pool (workspace.h). The sequence of ATen calls per expert is the reference's, so results match it exactly.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -125,7 +125,7 @@ void act_bwd(const at::Tensor& z, const at::Tensor& gh, const std::string& act, 
 }  // namespace
 
 at::Tensor grouped_gemm_fwd(const at::Tensor& x, const at::Tensor& offsets, const at::Tensor& w) {
-  at::Tensor out = at::empty({x.size(0), w.size(2)}, x.options());
+  at::Tensor out = workspace_empty({x.size(0), w.size(2)}, x.options());
   const int64_t used = used_rows(offsets);
   out.narrow(0, used, x.size(0) - used).zero_();
   for_each_segment(segments(offsets), no_scratch, [&](const Segment& s, int) {
@@ -141,7 +141,7 @@ std::tuple<at::Tensor, at::Tensor> grouped_gemm_bwd(const at::Tensor& grad_out, 
   at::Tensor gx, gw;
   const auto segs = segments(offsets);
   if (need_x) {
-    gx = at::empty_like(x);
+    gx = workspace_empty_like(x);
     const int64_t used = used_rows(offsets);
     gx.narrow(0, used, x.size(0) - used).zero_();
   }
@@ -166,15 +166,15 @@ std::tuple<at::Tensor, at::Tensor> grouped_mlp_fwd(const at::Tensor& x, const at
                                                    const std::optional<at::Tensor>& b2,
                                                    const std::string& act) {
   const int64_t N = x.size(0), h1 = w1.size(2), h = w2.size(1);
-  at::Tensor out = at::empty({N, w2.size(2)}, x.options());
-  at::Tensor z = at::empty({N, h1}, x.options());
+  at::Tensor out = workspace_empty({N, w2.size(2)}, x.options());
+  at::Tensor z = workspace_empty({N, h1}, x.options());
   const int64_t used = used_rows(offsets);
   out.narrow(0, used, N - used).zero_();
   z.narrow(0, used, N - used).zero_();
   const auto segs = segments(offsets);
   const int64_t m = max_rows(segs);
   // scratch for the hidden activation: one per thread, reused by each expert it runs
-  auto scratch = [&] { return at::empty({m, h}, x.options()); };
+  auto scratch = [&] { return workspace_empty({m, h}, x.options()); };
   for_each_segment(segs, scratch, [&](const Segment& s, at::Tensor& hbuf) {
     at::Tensor z_e = z.narrow(0, s.lo, s.n), h_e = hbuf.narrow(0, 0, s.n), y_e = out.narrow(0, s.lo, s.n);
     at::mm_out(z_e, x.narrow(0, s.lo, s.n), w1[s.e]);
@@ -191,7 +191,7 @@ std::vector<at::Tensor> grouped_mlp_bwd(const at::Tensor& grad_out, const at::Te
                                         const std::optional<at::Tensor>& b1,
                                         const std::optional<at::Tensor>& b2, const std::string& act) {
   const int64_t N = x.size(0), h1 = w1.size(2), h = w2.size(1);
-  at::Tensor gx = at::empty_like(x);
+  at::Tensor gx = workspace_empty_like(x);
   const int64_t used = used_rows(offsets);
   gx.narrow(0, used, N - used).zero_();
   const auto segs = segments(offsets);
@@ -201,8 +201,8 @@ std::vector<at::Tensor> grouped_mlp_bwd(const at::Tensor& grad_out, const at::Te
   const int64_t m = max_rows(segs);
   const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto scratch = [&] {
-    return std::array<at::Tensor, 3>{at::empty({m, h}, x.options()), at::empty({m, h}, x.options()),
-                                     at::empty({m, h1}, x.options())};
+    return std::array<at::Tensor, 3>{workspace_empty({m, h}, x.options()), workspace_empty({m, h}, x.options()),
+                                     workspace_empty({m, h1}, x.options())};
   };
   for_each_segment(segs, scratch, [&](const Segment& s, std::array<at::Tensor, 3>& buf) {
     const at::Tensor x_e = x.narrow(0, s.lo, s.n), g = grad_out.narrow(0, s.lo, s.n), z_e = z.narrow(0, s.lo, s.n);
