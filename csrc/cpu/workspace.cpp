@@ -14,6 +14,7 @@ namespace {
 
 constexpr int64_t kMinBytes = int64_t(1) << 20;  // smaller buffers: the allocator is fast enough
 constexpr int64_t kAlign = 64;
+constexpr int64_t kIdleCap = int64_t(64) << 20;  // idle bytes always allowed (see the miss path)
 
 std::mutex pool_mutex;
 std::vector<at::Tensor> pool;  // 1-D uint8 buffers
@@ -51,10 +52,24 @@ at::Tensor workspace_empty(at::IntArrayRef sizes, const at::TensorOptions& optio
     if (best) {
       buf = *best;
     } else {
-      // idle buffers too small for this request are what a growing shape leaves behind: drop them
+      // A miss. Idle buffers too small for this request are what a growing shape leaves behind:
+      // drop them. A shrinking shape leaves larger ones: drop idle buffers, largest first, while
+      // the idle bytes exceed both kIdleCap and the bytes in use. A steady state never misses, so
+      // this never runs there.
       pool.erase(std::remove_if(pool.begin(), pool.end(),
                                 [&](const at::Tensor& b) { return b.numel() < want && idle(b); }),
                  pool.end());
+      int64_t idle_bytes = 0, used_bytes = 0;
+      for (const auto& b : pool) (idle(b) ? idle_bytes : used_bytes) += b.numel();
+      std::sort(pool.begin(), pool.end(), [](const at::Tensor& a, const at::Tensor& b) { return a.numel() > b.numel(); });
+      for (auto it = pool.begin(); it != pool.end() && idle_bytes > std::max(kIdleCap, used_bytes);) {
+        if (idle(*it)) {
+          idle_bytes -= it->numel();
+          it = pool.erase(it);
+        } else {
+          ++it;
+        }
+      }
       buf = at::empty({want}, at::TensorOptions().dtype(at::kByte).device(at::kCPU));
       pool.push_back(buf);
     }

@@ -5,7 +5,10 @@
 // to copy into a reused buffer). The pool hands out typed views of byte buffers it keeps and reuses a
 // buffer once nothing but the pool references its storage (the storage's reference count is 1), so
 // a buffer still held anywhere -- saved for backward, kept as a .grad, returned to the caller -- is
-// never handed out twice. Buffers under 1 MiB come from the ordinary allocator.
+// never handed out twice. Buffers under 1 MiB come from the ordinary allocator. A request with no
+// idle buffer between its size and 1.25x it allocates a new one; on such a miss, idle buffers that
+// are too small are freed, and so are idle ones (largest first) while the idle bytes exceed both
+// 64 MiB and the bytes in use, so shapes that shrink step by step do not pile up buffers.
 //
 // Set MOE_KERNELS_CPU_WORKSPACE=0 to turn it off; workspace_bytes() reports what it holds and
 // workspace_release() frees the idle buffers (moe_kernels.cpu_backend.workspace_bytes / empty_cache).
