@@ -111,6 +111,10 @@ GROUPED_CASES = [
     ("b1", lambda: mk.grouped_mlp(X, OFF, torch.randn(3, 8, 4), torch.randn(3, 4, 8), b1=torch.randn(3, 5))),
     ("activation", lambda: mk.grouped_mlp(X, OFF, torch.randn(3, 8, 4), torch.randn(3, 4, 8), "tanh")),
     ("w1", lambda: mk.moe_mlp(X, R, torch.randn(3, 8, 4), torch.randn(3, 4, 8))),  # 3 experts vs 4
+    ("routing.topk_weights", lambda: mk.moe_mlp(X, R._replace(topk_weights=R.topk_weights[:, :1].contiguous()),
+                                                torch.randn(4, 8, 4), torch.randn(4, 4, 8))),
+    ("x", lambda: mk.moe_mlp(X[:-1], R, torch.randn(4, 8, 4), torch.randn(4, 4, 8))),  # T mismatch
+    ("routing", lambda: mk.moe_mlp(X, "not a routing", torch.randn(4, 8, 4), torch.randn(4, 4, 8))),
 ]
 
 

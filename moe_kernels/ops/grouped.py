@@ -274,6 +274,8 @@ def moe_mlp(x: Tensor, routing: Routing, w1: Tensor, w2: Tensor, activation: str
           f"has {x.shape[0]} rows but the routing was built for {routing.num_tokens} tokens")
     w = routing.topk_weights
     check_tensor(w, op, "routing.topk_weights", ndim=2, dtypes=FLOAT_DTYPES)
+    check(tuple(w.shape) == tuple(routing.slots.shape), op, "routing.topk_weights",
+          f"must have shape [T, k]={tuple(routing.slots.shape)} like routing.slots, got {tuple(w.shape)}")
     check_same_device(op, "x", x, **{"routing.topk_weights": w})
     return _moe_mlp(x, w, routing.slots, routing.sources, routing.offsets, w1, w2, b1, b2, activation,
                     resolve(op, x.device, backend))[0]
