@@ -103,7 +103,7 @@ def run_cell(cfg, dname, reps):
                                    harness.autograd_backward(g), harness.drop_grads(x, w, layer)))
     cands.append(gemm_grouped_candidate(routing.offsets, routing.num_rows, d, h, E, dtype))
     cands.append(gemm_dense_candidate(T * k, d, h, dtype))
-    mk.cpu_backend.empty_cache()
+    harness.empty_moe_kernels_pool()
     timings = harness.time_candidates(cands, reps=reps, warmup=1, device=torch.device("cpu"))
     med = {c.name: {m: timings[c.name][m].median * 1e3 for m in harness.MODES} for c in cands}
     return {"config": cfg.name, "shape": f"T={T} d={d} h={h} E={E} k={k}", "dtype": dname,

@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import gc
 import math
 import os
 import socket
@@ -233,13 +232,6 @@ def build_grouped(p: Problem, rows: torch.Tensor, counts: list) -> Built:
     return Built("grouped", fwd, g, [r, *w1, *w2], "torch",
                  "lower bound: rows pre-grouped by expert, per-expert GEMMs, one graph; no routing",
                  same_function=False, takes_x=False)
-
-
-def _empty_pool() -> None:
-    from moe_kernels import cpu_backend
-
-    gc.collect()
-    cpu_backend.empty_cache()
 
 
 # ---- peers: process-group set-up (world size 1, gloo), once per process
@@ -541,7 +533,7 @@ def check_moe_kernels(b: Built, p: Problem, ref: tuple) -> str:
 
 def run_table(cfg: harness.Config, dtype: torch.dtype, args, device: torch.device) -> dict:
     dname = harness.dtype_name(dtype)
-    _empty_pool()  # the previous cell's pooled buffers: freed, not carried into this cell's timings
+    harness.empty_moe_kernels_pool()  # the previous cell's pooled buffers: freed, not carried into this cell's timings
     p = make_problem(cfg, dtype, device)
     rows_counts = _grouped_rows(p)
     built, skipped = {}, {}

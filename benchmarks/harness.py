@@ -403,11 +403,16 @@ def _profiler_memory_walk(fn: Callable[[], Any]) -> tuple[int, int]:
     return peak, cur
 
 
-def _empty_moe_kernels_pool() -> None:
-    """moe_kernels' cpu kernels keep large buffers in a pool and reuse them across calls; a reuse is
-    no allocation, so the walk would not see it. Emptying the pool first makes the measured call
+def empty_moe_kernels_pool() -> None:
+    """Free the idle buffers of moe_kernels' cpu buffer pool (after collecting garbage that may hold some).
+
+    The cpu kernels keep large buffers in a pool and reuse them across calls; a reuse is no
+    allocation, so the memory walk would not see it. Emptying the pool first makes the measured call
     allocate every pooled buffer it uses; the pool keeps them to the end of the call, so they count
-    as live from first use on (the steady-state footprint, or a little more)."""
+    as live from first use on (the steady-state footprint, or a little more). Scripts also call it
+    between cells, so one cell's buffers are not carried into the next.
+    """
+    gc.collect()
     try:
         from moe_kernels import cpu_backend
     except ImportError:
@@ -433,7 +438,7 @@ def peak_memory(fn: Callable[[], Any], device: torch.device) -> dict:
         peak = torch.cuda.max_memory_allocated(device) - base
         net = torch.cuda.memory_allocated(device) - base
         return {"peak_bytes": int(peak), "net_bytes": int(net), "method": "torch.cuda.max_memory_allocated"}
-    _empty_moe_kernels_pool()
+    empty_moe_kernels_pool()
     peak, net = _profiler_memory_walk(fn)
     return {"peak_bytes": int(peak), "net_bytes": int(net),
             "method": "torch.profiler(profile_memory=True) allocation/free events, running sum"}

@@ -3,7 +3,8 @@
 // Each expert's GEMMs run on views of its segment (no copies) with ATen's GEMM (oneDNN/MKL, which
 // parallelises internally) writing in place through the out= variants; per-call scratch for the
 // hidden activation is allocated once at the size of the largest segment and reused by every
-// expert. Outputs, gradients and scratch of 1 MiB and more come from the buffer pool (workspace.h). The sequence of ATen calls per expert is the reference's, so results match it exactly.
+// expert. Outputs, gradients and scratch of 1 MiB and more come from the buffer pool (workspace.h).
+// The sequence of ATen calls per expert is the reference's, so results match it exactly.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -199,7 +200,7 @@ std::vector<at::Tensor> grouped_mlp_bwd(const at::Tensor& grad_out, const at::Te
   at::Tensor gb1 = b1 ? expert_grad_like(*b1, segs) : at::Tensor();
   at::Tensor gb2 = b2 ? expert_grad_like(*b2, segs) : at::Tensor();
   const int64_t m = max_rows(segs);
-  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc = acc_type_of(x.scalar_type());
   auto scratch = [&] {
     return std::array<at::Tensor, 3>{workspace_empty({m, h}, x.options()), workspace_empty({m, h}, x.options()),
                                      workspace_empty({m, h1}, x.options())};
@@ -222,22 +223,9 @@ std::vector<at::Tensor> grouped_mlp_bwd(const at::Tensor& grad_out, const at::Te
   return {gx, gw1, gw2, gb1, gb2};
 }
 
-
 // ---- the fused expert layer: gather -> grouped MLP -> combine, keeping only z ----
 
 namespace {
-
-// inverse of slots: the flat assignment t*k + j that each row holds, or -1 (padding)
-std::vector<int64_t> row_assignments(const at::Tensor& slots, int64_t N) {
-  const int64_t A = slots.numel();
-  const int32_t* sp = slots.data_ptr<int32_t>();
-  std::vector<int64_t> inv(static_cast<size_t>(N), -1);
-  at::parallel_for(0, A, 4096, [&](int64_t a0, int64_t a1) {
-    for (int64_t a = a0; a < a1; ++a)
-      if (sp[a] >= 0) inv[sp[a]] = a;
-  });
-  return inv;
-}
 
 // rows [lo, lo + n) of the dispatched buffer, gathered from x into `out` ([>= n, d])
 void gather_segment(const at::Tensor& x, const at::Tensor& sources, int64_t lo, int64_t n, at::Tensor& out) {
@@ -355,7 +343,6 @@ std::vector<at::Tensor> moe_mlp_bwd(const at::Tensor& grad_out, const at::Tensor
     }
   });
   at::Tensor gx = need_x ? dispatch_bwd(gxe, slots) : at::Tensor();
-  if (need_x) gxe = at::Tensor();
   at::Tensor gweights = need_weights ? gate.to(weights.scalar_type()) : at::Tensor();
   return {gx, gweights, gw1, gw2, gb1, gb2};
 }

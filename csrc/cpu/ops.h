@@ -42,6 +42,9 @@ std::tuple<at::Tensor, at::Tensor> task_route_bwd(const std::optional<at::Tensor
                                                   const at::Tensor& logits, const at::Tensor& topk_ids,
                                                   const std::string& score, bool renormalize);
 
+// The inverse of slots [T, k] over N rows: the flat assignment t*k + j that each row holds, or -1
+// (padding, or no assignment). Used by combine's and the fused layer's backward.
+std::vector<int64_t> row_assignments(const at::Tensor& slots, int64_t N);
 at::Tensor dispatch_fwd(const at::Tensor& x, const at::Tensor& slots, const at::Tensor& sources);
 at::Tensor dispatch_bwd(const at::Tensor& grad_out, const at::Tensor& slots);
 at::Tensor combine_fwd(const at::Tensor& y, const at::Tensor& weights, const at::Tensor& slots);

@@ -43,6 +43,16 @@ void gather_sum(const at::Tensor& y, const at::Tensor* w, const at::Tensor& slot
 
 }  // namespace
 
+std::vector<int64_t> row_assignments(const at::Tensor& slots, int64_t N) {
+  const int32_t* sp = slots.data_ptr<int32_t>();
+  std::vector<int64_t> inv(static_cast<size_t>(N), -1);
+  at::parallel_for(0, slots.numel(), 4096, [&](int64_t a0, int64_t a1) {
+    for (int64_t a = a0; a < a1; ++a)
+      if (sp[a] >= 0) inv[sp[a]] = a;  // written once per kept assignment
+  });
+  return inv;
+}
+
 at::Tensor dispatch_fwd(const at::Tensor& x, const at::Tensor& slots, const at::Tensor& sources) {
   check_rows(x, "x");
   const int64_t N = sources.size(0), d = x.size(1);
@@ -100,12 +110,7 @@ std::tuple<at::Tensor, at::Tensor> combine_bwd(const at::Tensor& grad_out, const
       using acc_t = decltype(acc_tag);
       const acc_t* wp = w.data_ptr<acc_t>();
       if (need_y) {
-        // inverse of slots: the assignment each row holds (written once per kept assignment)
-        std::vector<int64_t> inv(static_cast<size_t>(N), -1);
-        at::parallel_for(0, T * k, 4096, [&](int64_t a0, int64_t a1) {
-          for (int64_t a = a0; a < a1; ++a)
-            if (sp[a] >= 0) inv[sp[a]] = a;
-        });
+        const std::vector<int64_t> inv = row_assignments(slots, N);
         gy = workspace_empty({N, d}, y.options());
         scalar_t* gyp = gy.data_ptr<scalar_t>();
         at::parallel_for(0, N, grain(d, sizeof(scalar_t)), [&](int64_t r0, int64_t r1) {

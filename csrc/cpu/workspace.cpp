@@ -33,11 +33,10 @@ bool idle(const at::Tensor& buf) { return buf.unsafeGetTensorImpl()->storage().u
 }  // namespace
 
 at::Tensor workspace_empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  const int64_t numel = c10::multiply_integers(sizes);
-  const int64_t bytes = numel * static_cast<int64_t>(c10::elementSize(c10::typeMetaToScalarType(options.dtype())));
+  const auto dtype = c10::typeMetaToScalarType(options.dtype());
+  const int64_t bytes = c10::multiply_integers(sizes) * static_cast<int64_t>(c10::elementSize(dtype));
   if (!enabled() || bytes < kMinBytes || !options.device().is_cpu()) return at::empty(sizes, options);
   const int64_t want = (bytes + kAlign - 1) / kAlign * kAlign;
-  const auto dtype = c10::typeMetaToScalarType(options.dtype());
   // The view is made under the lock: copying the pool's tensor handle does not count as a storage
   // reference, only the view does, so another thread would otherwise see the buffer as idle.
   std::lock_guard<std::mutex> lock(pool_mutex);
