@@ -1,20 +1,24 @@
 """Build script: the authoritative build of moe_kernels (CMakeLists.txt delegates here).
 
-Default: a pure-Python install. The compiled backends are built just-in-time on first use
-(moe_kernels/_ext.py), so `pip install` never needs a compiler or torch at build time.
+Default: a pure-Python install. The compiled operators (torch.ops.moe_kernels_C, csrc/) are built
+just-in-time on first use (moe_kernels/backends/compiled.py), so `pip install` never needs a
+compiler or torch at build time.
 
-Ahead-of-time build (opt-in): MOE_KERNELS_BUILD_OPS=1 builds the C++ sources under csrc/ into
-moe_kernels._C with torch's CppExtension. That needs the installed torch in the build environment,
-so use `pip install --no-build-isolation ...`: an isolated build environment would resolve torch from
-the package index (several GB of CUDA wheels) and build against the wrong torch.
+Ahead-of-time build (opt-in): MOE_KERNELS_BUILD_OPS=1 builds csrc/ into the operator library
+moe_kernels/_C*.so with torch's CppExtension (loaded with torch.ops.load_library: it registers the
+operators with the dispatcher and has no Python module of its own). That needs the installed torch
+in the build environment, so use `pip install --no-build-isolation ...`: an isolated build
+environment would resolve torch from the package index (several GB of CUDA wheels) and build
+against the wrong torch.
+
+The sources, flags and digest come from moe_kernels/_build.py, the one build spec shared with the
+JIT loader (loaded here by its file path: it is stdlib-only, so torch is not imported to read it).
 """
 
-import glob
 import importlib.util
 import os
 import re
 import shutil
-from pathlib import Path
 
 from setuptools import find_packages, setup
 from setuptools.command.build_py import build_py
@@ -24,9 +28,14 @@ VERSION = re.search(r'__version__ = "([^"]+)"',
                     open(os.path.join(ROOT, "moe_kernels", "_version.py")).read()).group(1)
 
 
-def cpp_sources():
-    # the CPU extension: the binding file and the CPU launchers (CUDA sources are built separately)
-    return [os.path.join("csrc", "torch_bindings.cpp")] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+def _load_build_spec():
+    spec = importlib.util.spec_from_file_location("_moe_kernels_build", os.path.join(ROOT, "moe_kernels", "_build.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)  # stdlib-only module: no torch import here
+    return mod
+
+
+BUILD = _load_build_spec()
 
 
 class build_py_with_csrc(build_py):
@@ -45,25 +54,31 @@ def ext_modules_and_cmdclass():
     cmdclass = {"build_py": build_py_with_csrc}
     if os.environ.get("MOE_KERNELS_BUILD_OPS", "0") != "1":
         return [], cmdclass
-    sources = cpp_sources()
-    # stamp the build with the digest of its sources: moe_kernels/_ext.py ignores a stale _C
-    spec = importlib.util.spec_from_file_location("_moe_ext", os.path.join(ROOT, "moe_kernels", "_ext.py"))
-    ext_mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ext_mod)  # stdlib-only module: no torch import here
-    with open(os.path.join(ROOT, "moe_kernels", "_aot_digest.txt"), "w") as f:
-        f.write(ext_mod.source_digest(Path(ROOT) / "csrc") + "\n")
     try:
-        from torch.utils.cpp_extension import BuildExtension, CppExtension
+        import torch
+        from torch.utils import cpp_extension
     except ImportError as exc:
         raise SystemExit(
             "moe_kernels: MOE_KERNELS_BUILD_OPS=1 needs torch importable at build time. Install torch "
             "first (pip install torch==2.13.0) and build with `pip install --no-build-isolation .`"
         ) from exc
-    # the same flags as the JIT build (moe_kernels/_ext.py: CFLAGS, LDFLAGS)
-    ext = CppExtension("moe_kernels._C", sources, include_dirs=[os.path.join(ROOT, "csrc")],
-                       extra_compile_args=["-O3", "-fopenmp", "-ffp-contract=off", "-fno-trapping-math"],
-                       extra_link_args=["-fopenmp"])
-    return [ext], dict(cmdclass, build_ext=BuildExtension)
+    root = BUILD.source_dir()
+    # the CUDA source set (empty so far) joins where torch and the toolkit have CUDA
+    with_cuda = bool(BUILD.cuda_sources(root)) and BUILD.cuda_buildable(torch.version.cuda, cpp_extension.CUDA_HOME)
+    sources = [os.path.relpath(p, ROOT) for p in BUILD.sources(root, with_cuda)]
+    # stamp the build with the digest of its sources: the loader ignores a stale _C
+    with open(os.path.join(ROOT, "moe_kernels", BUILD.AOT_STAMP), "w") as f:
+        f.write(BUILD.source_digest(root, sanitize=False, with_cuda=with_cuda) + "\n")
+    # the same flags as the JIT build (never the sanitizer variant ahead of time)
+    cflags, ldflags = BUILD.flags(sanitize=False)
+    if with_cuda:
+        ext = cpp_extension.CUDAExtension(BUILD.AOT_NAME, sources, include_dirs=[str(root)],
+                                          extra_compile_args={"cxx": cflags, "nvcc": BUILD.NVCC_FLAGS},
+                                          extra_link_args=ldflags)
+    else:
+        ext = cpp_extension.CppExtension(BUILD.AOT_NAME, sources, include_dirs=[str(root)],
+                                         extra_compile_args=cflags, extra_link_args=ldflags)
+    return [ext], dict(cmdclass, build_ext=cpp_extension.BuildExtension)
 
 
 ext_modules, cmdclass = ext_modules_and_cmdclass()
@@ -77,7 +92,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.9",
     packages=find_packages(include=["moe_kernels", "moe_kernels.*"]),
-    package_data={"moe_kernels": ["_aot_digest.txt"]},
+    package_data={"moe_kernels": [BUILD.AOT_STAMP]},
     # a lower bound only: an installed torch satisfies it, so pip never fetches one
     install_requires=["torch>=2.4", "ninja"],  # ninja: the JIT build of the C++ kernels
     extras_require={

@@ -5,6 +5,7 @@
 // hidden activation is allocated once at the size of the largest segment and reused by every
 // expert. Outputs, gradients and scratch of 1 MiB and more come from the buffer pool (workspace.h).
 // The sequence of ATen calls per expert is the reference's, so results match it exactly.
+// Offsets and the fused layer's plan indices are checked before anything is read (checks.h).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -14,11 +15,12 @@
 #include <array>
 #include <atomic>
 #include <optional>
-#include <string>
+#include <string_view>
 #include <tuple>
 #include <vector>
 
 #include "../kernels/permute.h"
+#include "checks.h"
 #include "isa.h"
 #include "ops.h"
 #include "workspace.h"
@@ -34,7 +36,7 @@ struct Segment {
 
 std::vector<Segment> segments(const at::Tensor& offsets) {
   const at::Tensor o = offsets.to(at::kLong).contiguous();
-  const int64_t* p = o.data_ptr<int64_t>();
+  const int64_t* p = o.const_data_ptr<int64_t>();
   std::vector<Segment> segs;
   for (int64_t e = 0; e + 1 < o.numel(); ++e)
     if (p[e + 1] > p[e]) segs.push_back({e, p[e], p[e + 1] - p[e]});
@@ -90,7 +92,7 @@ void for_each_segment(const std::vector<Segment>& segs, MakeScratch make_scratch
 int no_scratch() { return 0; }
 
 // h = act(z), into `h` (same shape as act's output)
-void act_fwd(const at::Tensor& z, const std::string& act, at::Tensor& h) {
+void act_fwd(const at::Tensor& z, std::string_view act, at::Tensor& h) {
   if (act == "gelu") {
     at::gelu_out(h, z);
   } else if (act == "relu") {
@@ -107,7 +109,7 @@ void act_fwd(const at::Tensor& z, const std::string& act, at::Tensor& h) {
 }
 
 // d loss / d z from d loss / d act(z) = gh, into `gz` (z's shape)
-void act_bwd(const at::Tensor& z, const at::Tensor& gh, const std::string& act, at::Tensor& gz) {
+void act_bwd(const at::Tensor& z, const at::Tensor& gh, std::string_view act, at::Tensor& gz) {
   if (act == "gelu") {
     at::gelu_backward_out(gz, gh, z);
   } else if (act == "relu") {
@@ -125,7 +127,8 @@ void act_bwd(const at::Tensor& z, const at::Tensor& gh, const std::string& act, 
 
 }  // namespace
 
-at::Tensor grouped_gemm_fwd(const at::Tensor& x, const at::Tensor& offsets, const at::Tensor& w) {
+at::Tensor grouped_gemm(const at::Tensor& x, const at::Tensor& offsets, const at::Tensor& w) {
+  check_offsets(offsets, x.size(0), "grouped_gemm");
   at::Tensor out = workspace_empty({x.size(0), w.size(2)}, x.options());
   const int64_t used = used_rows(offsets);
   out.narrow(0, used, x.size(0) - used).zero_();
@@ -136,9 +139,10 @@ at::Tensor grouped_gemm_fwd(const at::Tensor& x, const at::Tensor& offsets, cons
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> grouped_gemm_bwd(const at::Tensor& grad_out, const at::Tensor& x,
-                                                    const at::Tensor& offsets, const at::Tensor& w,
-                                                    bool need_x, bool need_w) {
+std::tuple<at::Tensor, at::Tensor> grouped_gemm_backward(const at::Tensor& grad_out, const at::Tensor& x,
+                                                         const at::Tensor& offsets, const at::Tensor& w,
+                                                         bool need_x, bool need_w) {
+  check_offsets(offsets, x.size(0), "grouped_gemm_backward");  // a guard
   at::Tensor gx, gw;
   const auto segs = segments(offsets);
   if (need_x) {
@@ -161,11 +165,10 @@ std::tuple<at::Tensor, at::Tensor> grouped_gemm_bwd(const at::Tensor& grad_out, 
   return {gx, gw};
 }
 
-std::tuple<at::Tensor, at::Tensor> grouped_mlp_fwd(const at::Tensor& x, const at::Tensor& offsets,
-                                                   const at::Tensor& w1, const at::Tensor& w2,
-                                                   const std::optional<at::Tensor>& b1,
-                                                   const std::optional<at::Tensor>& b2,
-                                                   const std::string& act) {
+std::tuple<at::Tensor, at::Tensor> grouped_mlp(const at::Tensor& x, const at::Tensor& offsets, const at::Tensor& w1,
+                                               const at::Tensor& w2, const std::optional<at::Tensor>& b1,
+                                               const std::optional<at::Tensor>& b2, std::string_view act) {
+  check_offsets(offsets, x.size(0), "grouped_mlp");
   const int64_t N = x.size(0), h1 = w1.size(2), h = w2.size(1);
   at::Tensor out = workspace_empty({N, w2.size(2)}, x.options());
   at::Tensor z = workspace_empty({N, h1}, x.options());
@@ -187,10 +190,11 @@ std::tuple<at::Tensor, at::Tensor> grouped_mlp_fwd(const at::Tensor& x, const at
   return {out, z};
 }
 
-std::vector<at::Tensor> grouped_mlp_bwd(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& z,
-                                        const at::Tensor& offsets, const at::Tensor& w1, const at::Tensor& w2,
-                                        const std::optional<at::Tensor>& b1,
-                                        const std::optional<at::Tensor>& b2, const std::string& act) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> grouped_mlp_backward(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& z, const at::Tensor& offsets,
+    const at::Tensor& w1, const at::Tensor& w2, const std::optional<at::Tensor>& b1,
+    const std::optional<at::Tensor>& b2, std::string_view act) {
+  check_offsets(offsets, x.size(0), "grouped_mlp_backward");  // a guard
   const int64_t N = x.size(0), h1 = w1.size(2), h = w2.size(1);
   at::Tensor gx = workspace_empty_like(x);
   const int64_t used = used_rows(offsets);
@@ -230,20 +234,23 @@ namespace {
 // rows [lo, lo + n) of the dispatched buffer, gathered from x into `out` ([>= n, d])
 void gather_segment(const at::Tensor& x, const at::Tensor& sources, int64_t lo, int64_t n, at::Tensor& out) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "moe_kernels_moe_mlp_gather", [&] {
-    kernels::dispatch_rows(x.data_ptr<scalar_t>(), sources.data_ptr<int32_t>() + lo, 0, n, x.size(1),
+    kernels::dispatch_rows(x.const_data_ptr<scalar_t>(), sources.const_data_ptr<int32_t>() + lo, 0, n, x.size(1),
                            out.data_ptr<scalar_t>());
   });
 }
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> moe_mlp_fwd(const at::Tensor& x, const at::Tensor& weights,
-                                               const at::Tensor& slots, const at::Tensor& sources,
-                                               const at::Tensor& offsets, const at::Tensor& w1,
-                                               const at::Tensor& w2, const std::optional<at::Tensor>& b1,
-                                               const std::optional<at::Tensor>& b2, const std::string& act) {
+std::tuple<at::Tensor, at::Tensor> moe_mlp(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& slots,
+                                           const at::Tensor& sources, const at::Tensor& offsets,
+                                           const at::Tensor& w1, const at::Tensor& w2,
+                                           const std::optional<at::Tensor>& b1,
+                                           const std::optional<at::Tensor>& b2, std::string_view act) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.device().is_cpu(),
               "moe_kernels cpu moe_mlp: x must be a contiguous 2-D CPU tensor");
+  check_offsets(offsets, sources.size(0), "moe_mlp");
+  check_index_range(slots, sources.size(0), "moe_mlp", "routing.slots", true);
+  check_index_range(sources, x.size(0), "moe_mlp", "routing.sources", true);
   const int64_t N = sources.size(0), d = x.size(1), h1 = w1.size(2), h = w2.size(1), dout = w2.size(2);
   // z is saved for backward and y is a temporary: both pooled, so steps reuse their pages
   at::Tensor z = workspace_empty({N, h1}, x.options());
@@ -265,16 +272,22 @@ std::tuple<at::Tensor, at::Tensor> moe_mlp_fwd(const at::Tensor& x, const at::Te
     at::mm_out(y_e, h_e, w2[s.e]);
     if (b2) y_e.add_((*b2)[s.e]);
   });
-  return {combine_fwd(y, weights, slots), z};
+  return {combine_rows(y, weights, slots), z};
 }
 
-std::vector<at::Tensor> moe_mlp_bwd(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& z,
-                                    const at::Tensor& weights, const at::Tensor& slots, const at::Tensor& sources,
-                                    const at::Tensor& offsets, const at::Tensor& w1, const at::Tensor& w2,
-                                    const std::optional<at::Tensor>& b1, const std::optional<at::Tensor>& b2,
-                                    const std::string& act, bool need_x, bool need_weights, bool need_params) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_mlp_backward(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& z, const at::Tensor& weights,
+    const at::Tensor& slots, const at::Tensor& sources, const at::Tensor& offsets, const at::Tensor& w1,
+    const at::Tensor& w2, const std::optional<at::Tensor>& b1, const std::optional<at::Tensor>& b2,
+    std::string_view act, bool need_x, bool need_weights, bool need_params) {
   TORCH_CHECK(grad_out.dim() == 2 && grad_out.is_contiguous() && grad_out.device().is_cpu(),
               "moe_kernels cpu moe_mlp backward: grad_out must be a contiguous 2-D CPU tensor");
+  TORCH_CHECK(grad_out.size(0) == slots.size(0) && weights.numel() == slots.numel() && z.size(0) == sources.size(0),
+              "moe_kernels cpu moe_mlp backward: grad_out, weights and z do not match the plan");
+  // guards: the plan's indices are read below (row_assignments writes through the slots)
+  check_offsets(offsets, sources.size(0), "moe_mlp_backward");
+  check_index_range(slots, sources.size(0), "moe_mlp_backward", "slots", true);
+  check_index_range(sources, x.size(0), "moe_mlp_backward", "sources", true);
   const int64_t N = sources.size(0), d = x.size(1), h1 = w1.size(2), h = w2.size(1), dout = w2.size(2);
   const int k = static_cast<int>(slots.size(1));
   const auto acc = acc_type_of(x.scalar_type());
@@ -303,7 +316,7 @@ std::vector<at::Tensor> moe_mlp_bwd(const at::Tensor& grad_out, const at::Tensor
     at::Tensor u_e = buf[3].narrow(0, 0, s.n), gz = buf[4].narrow(0, 0, s.n);
     const at::Tensor z_e = z.narrow(0, s.lo, s.n);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "moe_kernels_moe_mlp_bwd", [&] {
-      kernels::assigned_rows(grad_out.data_ptr<scalar_t>(), inv.data(), s.lo, s.n, k, dout,
+      kernels::assigned_rows(grad_out.const_data_ptr<scalar_t>(), inv.data(), s.lo, s.n, k, dout,
                              g_e.data_ptr<scalar_t>());
     });
     act_fwd(z_e, act, h_e);         // elementwise recompute from the saved pre-activation
@@ -311,11 +324,11 @@ std::vector<at::Tensor> moe_mlp_bwd(const at::Tensor& grad_out, const at::Tensor
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "moe_kernels_moe_mlp_weigh", [&] {
       auto run = [&](auto acc_tag) {
         using acc_t = decltype(acc_tag);
-        const acc_t* wp = w.data_ptr<acc_t>();
-        const scalar_t* hp = h_e.data_ptr<scalar_t>();
+        const acc_t* wp = w.const_data_ptr<acc_t>();
+        const scalar_t* hp = h_e.const_data_ptr<scalar_t>();
         scalar_t* up = u_e.data_ptr<scalar_t>();
         scalar_t* gp = g_e.data_ptr<scalar_t>();
-        const scalar_t* bp = b2 ? (*b2)[s.e].data_ptr<scalar_t>() : nullptr;
+        const scalar_t* bp = b2 ? (*b2)[s.e].const_data_ptr<scalar_t>() : nullptr;
         acc_t* gate_p = need_weights ? gate.data_ptr<acc_t>() : nullptr;
         run_isa([&] { kernels::weigh_rows<scalar_t, acc_t, acc_t>(inv.data(), wp, s.lo, s.n, hp, h, up, gp, dout, bp, gate_p); });
       };
@@ -342,7 +355,7 @@ std::vector<at::Tensor> moe_mlp_bwd(const at::Tensor& grad_out, const at::Tensor
       at::mm_out(gx_e, gz, w1[s.e].t());
     }
   });
-  at::Tensor gx = need_x ? dispatch_bwd(gxe, slots) : at::Tensor();
+  at::Tensor gx = need_x ? gather_rows_sum(gxe, slots) : at::Tensor();
   at::Tensor gweights = need_weights ? gate.to(weights.scalar_type()) : at::Tensor();
   return {gx, gweights, gw1, gw2, gb1, gb2};
 }

@@ -6,11 +6,12 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
-#include <string>
+#include <string_view>
 #include <vector>
 
 #include "../kernels/losses.h"
 #include "../kernels/routing.h"
+#include "checks.h"
 #include "ops.h"
 
 namespace moe_kernels {
@@ -26,7 +27,7 @@ std::vector<acc_t> chosen_share(const at::Tensor& topk_ids, int64_t E) {
   const at::Tensor ids = topk_ids.to(at::kLong).contiguous();
   const int64_t n = ids.numel();
   std::vector<int64_t> count(E, 0);
-  const int64_t* ip = ids.data_ptr<int64_t>();
+  const int64_t* ip = ids.const_data_ptr<int64_t>();
   for (int64_t a = 0; a < n; ++a) ++count[ip[a]];
   std::vector<acc_t> f(E);
   for (int64_t e = 0; e < E; ++e) f[e] = static_cast<acc_t>(count[e]) / static_cast<acc_t>(n);
@@ -35,16 +36,17 @@ std::vector<acc_t> chosen_share(const at::Tensor& topk_ids, int64_t E) {
 
 }  // namespace
 
-at::Tensor load_balancing_fwd(const at::Tensor& logits, const at::Tensor& topk_ids, const std::string& score) {
+at::Tensor load_balancing_loss(const at::Tensor& logits, const at::Tensor& topk_ids, std::string_view score) {
   check_logits(logits, "load_balancing_loss");
   const int64_t T = logits.size(0), E = logits.size(1);
+  check_index_range(topk_ids, E, "load_balancing_loss", "routing.topk_ids");
   const bool softmax = score == "softmax";
   const auto acc = acc_type_of(logits.scalar_type());
   if (T == 0) return at::zeros({}, logits.options().dtype(acc));
   at::Tensor out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "moe_kernels_lb_fwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* lp = logits.data_ptr<scalar_t>();
+    const scalar_t* lp = logits.const_data_ptr<scalar_t>();
     const kernels::Blocks blocks(T, kLossBlocks);
     std::vector<acc_t> part(static_cast<size_t>(blocks.n * E), acc_t(0));  // per-block sums of q
     at::parallel_for(0, blocks.n, 1, [&](int64_t b0, int64_t b1) {
@@ -69,16 +71,17 @@ at::Tensor load_balancing_fwd(const at::Tensor& logits, const at::Tensor& topk_i
   return out;
 }
 
-at::Tensor load_balancing_bwd(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& topk_ids,
-                              const std::string& score) {
+at::Tensor load_balancing_loss_backward(const at::Tensor& grad, const at::Tensor& logits,
+                                        const at::Tensor& topk_ids, std::string_view score) {
   check_logits(logits, "load_balancing_loss_backward");
   const int64_t T = logits.size(0), E = logits.size(1);
+  check_index_range(topk_ids, E, "load_balancing_loss_backward", "topk_ids");  // a guard: the ids index counts
   const bool softmax = score == "softmax";
   at::Tensor out = at::empty_like(logits);
   if (T == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "moe_kernels_lb_bwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* lp = logits.data_ptr<scalar_t>();
+    const scalar_t* lp = logits.const_data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     const std::vector<acc_t> f = chosen_share<acc_t>(topk_ids, E);
     const acc_t c = static_cast<acc_t>(grad.item<double>()) * static_cast<acc_t>(E) / static_cast<acc_t>(T);
@@ -92,7 +95,7 @@ at::Tensor load_balancing_bwd(const at::Tensor& grad, const at::Tensor& logits, 
   return out;
 }
 
-at::Tensor z_loss_fwd(const at::Tensor& logits) {
+at::Tensor z_loss(const at::Tensor& logits) {
   check_logits(logits, "z_loss");
   const int64_t T = logits.size(0), E = logits.size(1);
   const auto acc = acc_type_of(logits.scalar_type());
@@ -100,7 +103,7 @@ at::Tensor z_loss_fwd(const at::Tensor& logits) {
   at::Tensor out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "moe_kernels_z_fwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* lp = logits.data_ptr<scalar_t>();
+    const scalar_t* lp = logits.const_data_ptr<scalar_t>();
     const kernels::Blocks blocks(T, kLossBlocks);
     std::vector<acc_t> part(static_cast<size_t>(blocks.n), acc_t(0));
     at::parallel_for(0, blocks.n, 1, [&](int64_t b0, int64_t b1) {
@@ -119,14 +122,14 @@ at::Tensor z_loss_fwd(const at::Tensor& logits) {
   return out;
 }
 
-at::Tensor z_loss_bwd(const at::Tensor& grad, const at::Tensor& logits) {
+at::Tensor z_loss_backward(const at::Tensor& grad, const at::Tensor& logits) {
   check_logits(logits, "z_loss_backward");
   const int64_t T = logits.size(0), E = logits.size(1);
   at::Tensor out = at::empty_like(logits);
   if (T == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "moe_kernels_z_bwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* lp = logits.data_ptr<scalar_t>();
+    const scalar_t* lp = logits.const_data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     const acc_t c = static_cast<acc_t>(grad.item<double>()) * acc_t(2) / static_cast<acc_t>(T);
     at::parallel_for(0, T, 256, [&](int64_t t0, int64_t t1) {

@@ -1,7 +1,10 @@
 // CPU launchers: dispatch / combine forward and backward (row copies and weighted gather-sums,
 // parallel over rows or tokens, no atomics: each output row is written by exactly one thread).
 // Outputs of 1 MiB and more come from the buffer pool (workspace.h): a fresh output pays a page
-// fault per 4 KiB, which made dispatch run at a fifth of the copy bandwidth.
+// fault per 4 KiB, which made dispatch run at a fifth of the copy bandwidth. Every launcher checks
+// the plan's indices before it reads through them (checks.h); the forward ops with the op layer's
+// messages. combine adds 0 * w for a dropped assignment: nothing for a finite weight, NaN for a
+// non-finite one (kernels/permute.h).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -10,6 +13,7 @@
 #include <vector>
 
 #include "../kernels/permute.h"
+#include "checks.h"
 #include "isa.h"
 #include "ops.h"
 #include "workspace.h"
@@ -31,9 +35,9 @@ template <typename scalar_t, typename acc_t>
 void gather_sum(const at::Tensor& y, const at::Tensor* w, const at::Tensor& slots, at::Tensor& out) {
   const int64_t T = slots.size(0), d = y.size(1);
   const int k = static_cast<int>(slots.size(1));
-  const scalar_t* yp = y.data_ptr<scalar_t>();
-  const acc_t* wp = w ? w->data_ptr<acc_t>() : nullptr;
-  const int32_t* sp = slots.data_ptr<int32_t>();
+  const scalar_t* yp = y.const_data_ptr<scalar_t>();
+  const acc_t* wp = w ? w->const_data_ptr<acc_t>() : nullptr;
+  const int32_t* sp = slots.const_data_ptr<int32_t>();
   scalar_t* op = out.data_ptr<scalar_t>();
   at::parallel_for(0, T, grain(d, sizeof(scalar_t)), [&](int64_t t0, int64_t t1) {
     std::vector<acc_t> acc(static_cast<size_t>(d));
@@ -44,7 +48,7 @@ void gather_sum(const at::Tensor& y, const at::Tensor* w, const at::Tensor& slot
 }  // namespace
 
 std::vector<int64_t> row_assignments(const at::Tensor& slots, int64_t N) {
-  const int32_t* sp = slots.data_ptr<int32_t>();
+  const int32_t* sp = slots.const_data_ptr<int32_t>();
   std::vector<int64_t> inv(static_cast<size_t>(N), -1);
   at::parallel_for(0, slots.numel(), 4096, [&](int64_t a0, int64_t a1) {
     for (int64_t a = a0; a < a1; ++a)
@@ -53,13 +57,15 @@ std::vector<int64_t> row_assignments(const at::Tensor& slots, int64_t N) {
   return inv;
 }
 
-at::Tensor dispatch_fwd(const at::Tensor& x, const at::Tensor& slots, const at::Tensor& sources) {
+at::Tensor dispatch(const at::Tensor& x, const at::Tensor& slots, const at::Tensor& sources) {
   check_rows(x, "x");
   const int64_t N = sources.size(0), d = x.size(1);
+  check_index_range(slots, N, "dispatch", "routing.slots", true);
+  check_index_range(sources, x.size(0), "dispatch", "routing.sources", true);
   at::Tensor out = workspace_empty({N, d}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "moe_kernels_dispatch", [&] {
-    const scalar_t* xp = x.data_ptr<scalar_t>();
-    const int32_t* src = sources.data_ptr<int32_t>();
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const int32_t* src = sources.const_data_ptr<int32_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     at::parallel_for(0, N, grain(d, sizeof(scalar_t)), [&](int64_t r0, int64_t r1) {
       kernels::dispatch_rows(xp, src, r0, r1, d, op);
@@ -68,7 +74,7 @@ at::Tensor dispatch_fwd(const at::Tensor& x, const at::Tensor& slots, const at::
   return out;
 }
 
-at::Tensor dispatch_bwd(const at::Tensor& grad_out, const at::Tensor& slots) {
+at::Tensor gather_rows_sum(const at::Tensor& grad_out, const at::Tensor& slots) {
   check_rows(grad_out, "grad_out");
   at::Tensor gx = workspace_empty({slots.size(0), grad_out.size(1)}, grad_out.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad_out.scalar_type(), "moe_kernels_dispatch_bwd", [&] {
@@ -80,8 +86,15 @@ at::Tensor dispatch_bwd(const at::Tensor& grad_out, const at::Tensor& slots) {
   return gx;
 }
 
-at::Tensor combine_fwd(const at::Tensor& y, const at::Tensor& weights, const at::Tensor& slots) {
+at::Tensor dispatch_backward(const at::Tensor& grad_out, const at::Tensor& slots) {
+  check_rows(grad_out, "grad_out");
+  check_index_range(slots, grad_out.size(0), "dispatch_backward", "slots", true);  // a guard
+  return gather_rows_sum(grad_out, slots);
+}
+
+at::Tensor combine_rows(const at::Tensor& y, const at::Tensor& weights, const at::Tensor& slots) {
   check_rows(y, "y");
+  TORCH_CHECK(weights.numel() == slots.numel(), "moe_kernels cpu combine: weights must have the shape of slots");
   const at::Tensor w = weights.to(acc_type_of(y.scalar_type())).contiguous();
   at::Tensor out = workspace_empty({slots.size(0), y.size(1)}, y.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "moe_kernels_combine", [&] {
@@ -93,22 +106,31 @@ at::Tensor combine_fwd(const at::Tensor& y, const at::Tensor& weights, const at:
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> combine_bwd(const at::Tensor& grad_out, const at::Tensor& y,
-                                               const at::Tensor& weights, const at::Tensor& slots,
-                                               bool need_y, bool need_w) {
+at::Tensor combine(const at::Tensor& y, const at::Tensor& weights, const at::Tensor& slots) {
+  check_rows(y, "y");
+  check_index_range(slots, y.size(0), "combine", "routing.slots", true);
+  return combine_rows(y, weights, slots);
+}
+
+std::tuple<at::Tensor, at::Tensor> combine_backward(const at::Tensor& grad_out, const at::Tensor& y,
+                                                    const at::Tensor& weights, const at::Tensor& slots,
+                                                    bool need_y, bool need_w) {
   check_rows(grad_out, "grad_out");
   check_rows(y, "y");
   const int64_t T = slots.size(0), N = y.size(0), d = y.size(1);
+  TORCH_CHECK(grad_out.size(0) == T && grad_out.size(1) == d && weights.numel() == slots.numel(),
+              "moe_kernels cpu combine_backward: grad_out must be [T, d] and weights [T, k]");
+  check_index_range(slots, N, "combine_backward", "slots", true);  // a guard
   const int k = static_cast<int>(slots.size(1));
   const auto acc = acc_type_of(y.scalar_type());
   const at::Tensor w = weights.to(acc).contiguous();
   at::Tensor gy, gw;
-  const int32_t* sp = slots.data_ptr<int32_t>();
+  const int32_t* sp = slots.const_data_ptr<int32_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "moe_kernels_combine_bwd", [&] {
-    const scalar_t* gp = grad_out.data_ptr<scalar_t>();
+    const scalar_t* gp = grad_out.const_data_ptr<scalar_t>();
     auto run = [&](auto acc_tag) {
       using acc_t = decltype(acc_tag);
-      const acc_t* wp = w.data_ptr<acc_t>();
+      const acc_t* wp = w.const_data_ptr<acc_t>();
       if (need_y) {
         const std::vector<int64_t> inv = row_assignments(slots, N);
         gy = workspace_empty({N, d}, y.options());
@@ -120,7 +142,7 @@ std::tuple<at::Tensor, at::Tensor> combine_bwd(const at::Tensor& grad_out, const
       if (need_w) {
         at::Tensor gacc = at::empty({T, k}, w.options());
         acc_t* gwp = gacc.data_ptr<acc_t>();
-        const scalar_t* yp = y.data_ptr<scalar_t>();
+        const scalar_t* yp = y.const_data_ptr<scalar_t>();
         at::parallel_for(0, T, grain(d * k, sizeof(scalar_t)), [&](int64_t t0, int64_t t1) {
           run_isa([&] { kernels::weight_grad_rows<scalar_t, acc_t, acc_t>(gp, yp, sp, t0, t1, k, d, gwp); });
         });

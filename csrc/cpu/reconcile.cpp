@@ -20,7 +20,7 @@
 #include <algorithm>
 #include <cmath>
 #include <optional>
-#include <string>
+#include <string_view>
 #include <tuple>
 #include <vector>
 
@@ -35,7 +35,7 @@ namespace {
 
 namespace K = kernels::reconcile;
 
-K::Act parse_act(const std::string& a) {
+K::Act parse_act(std::string_view a) {
   if (a == "none") return K::Act::None;
   if (a == "relu") return K::Act::Relu;
   if (a == "gelu") return K::Act::Gelu;
@@ -143,15 +143,14 @@ at::Tensor link_wgrad(const at::Tensor& a2, const at::Tensor& gz, const at::Tens
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> reconcile_fwd(const std::optional<at::Tensor>& main,
-                                                 const std::vector<at::Tensor>& aux,
-                                                 const std::vector<at::Tensor>& weights,
-                                                 const std::vector<at::Tensor>& bias, const std::string& act_name,
-                                                 bool batch_norm, const std::optional<at::Tensor>& bn_weight,
-                                                 const std::optional<at::Tensor>& bn_bias, double eps) {
+std::tuple<at::Tensor, at::Tensor> reconcile(const std::optional<at::Tensor>& main, at::TensorList aux,
+                                             at::TensorList weights, at::TensorList bias, std::string_view act_name,
+                                             bool batch_norm, const std::optional<at::Tensor>& bn_weight,
+                                             const std::optional<at::Tensor>& bn_bias, double eps) {
   const int64_t L = static_cast<int64_t>(aux.size());
   TORCH_CHECK(main || L > 0, "moe_kernels cpu reconcile: main may be None only with aux inputs");
-  TORCH_CHECK(static_cast<int64_t>(weights.size()) == L, "moe_kernels cpu reconcile: one weight per aux input");
+  TORCH_CHECK(static_cast<int64_t>(weights.size()) == L && (bias.empty() || static_cast<int64_t>(bias.size()) == L),
+              "moe_kernels cpu reconcile: one weight (and one bias, or none) per aux input");
   const at::Tensor& ref = main ? *main : aux[0];
   const int64_t C = main ? main->size(-1) : weights[0].size(1);
   const int64_t N = rows_of(ref);
@@ -250,19 +249,22 @@ std::tuple<at::Tensor, at::Tensor> reconcile_fwd(const std::optional<at::Tensor>
   return {out, stats};
 }
 
-std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor, at::Tensor> reconcile_bwd(
-    const at::Tensor& grad_out, const std::vector<at::Tensor>& aux, const std::vector<at::Tensor>& weights,
-    const std::vector<at::Tensor>& bias, const std::string& act_name, bool batch_norm,
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor, at::Tensor> reconcile_backward(
+    const at::Tensor& grad_out, at::TensorList aux, at::TensorList weights, at::TensorList bias,
+    std::string_view act_name, bool batch_norm,
     const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias,
     const std::optional<at::Tensor>& stats) {
   const int64_t L = static_cast<int64_t>(aux.size());
+  TORCH_CHECK(static_cast<int64_t>(weights.size()) == L && (bias.empty() || static_cast<int64_t>(bias.size()) == L),
+              "moe_kernels cpu reconcile_backward: one weight (and one bias, or none) per aux input");
   const int64_t C = grad_out.size(-1), N = rows_of(grad_out);
   const K::Act act = parse_act(act_name);
   const at::Tensor g2 = grad_out.contiguous().view({N, C});
   const bool has_bias = !bias.empty();
   std::vector<at::Tensor> gws, gbs;
-  at::Tensor ggamma = (batch_norm && bn_weight) ? at::empty({L, C}, bn_weight->options()) : grad_out.new_empty({0});
-  at::Tensor gbeta = (batch_norm && bn_bias) ? at::empty({L, C}, bn_bias->options()) : grad_out.new_empty({0});
+  // undefined (None) where there is no BN affine parameter to differentiate
+  at::Tensor ggamma = (batch_norm && bn_weight) ? at::empty({L, C}, bn_weight->options()) : at::Tensor();
+  at::Tensor gbeta = (batch_norm && bn_bias) ? at::empty({L, C}, bn_bias->options()) : at::Tensor();
   std::vector<at::Tensor> aux2;
   for (int64_t i = 0; i < L; ++i) aux2.push_back(aux[i].contiguous().view({N, aux[i].size(-1)}));
   auto wgrad = [&](int64_t i, const at::Tensor& gz) { gws.push_back(link_wgrad(aux2[i], gz, weights[i])); };
@@ -338,8 +340,8 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor, at::Ten
             K::bn_grad_rows<Ac>(zp, gp, r0, r1, C, m.data(), s.data(), t.data(), A.data(), B.data(), Kc.data());
           });
         });
-        if (ggamma.numel()) ggamma[i].copy_(to_tensor(sgx, 0, ggamma));
-        if (gbeta.numel()) gbeta[i].copy_(to_tensor(sums, 0, gbeta));
+        if (ggamma.defined()) ggamma[i].copy_(to_tensor(sgx, 0, ggamma));
+        if (gbeta.defined()) gbeta[i].copy_(to_tensor(sums, 0, gbeta));
         if (has_bias) gbs.push_back(at::zeros_like(bias[i]));  // cancelled by the batch mean
       });
       wgrad(i, z);

@@ -2,9 +2,13 @@
 //
 // One parallel pass over the tokens ranks each row of logits (the contract ranks by the upcast
 // logit, so the choice never depends on how a backend rounds the softmax), computes the k scores
-// and weights and checks finiteness; the plan (counting sort by expert, capacity, padding, slots,
-// sources) is then built in two parallel passes over token blocks instead of the reference's sorts
-// and scatters. The backward is one pass over the tokens as well.
+// and weights and detects non-finite rows; the plan (counting sort by expert, capacity, padding,
+// slots, sources) is then built in two parallel passes over token blocks instead of the reference's
+// sorts and scatters. The backward is one pass over the tokens as well.
+//
+// Non-finite logits: with check_values the op raises the op layer's error, naming the first bad
+// element in row-major order (searched for only on that error path); without it (the sync-free
+// policy) the token gets ids 0..k-1, NaN weights and, under drop_policy "score", priority -inf.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -13,11 +17,12 @@
 #include <atomic>
 #include <limits>
 #include <optional>
-#include <string>
+#include <string_view>
 #include <tuple>
 #include <vector>
 
 #include "../kernels/routing.h"
+#include "checks.h"
 #include "ops.h"
 
 namespace moe_kernels {
@@ -29,7 +34,7 @@ constexpr int64_t kBlocks = 128;  // fixed: results never depend on it, only spe
 
 template <typename acc_t>
 void plan(const int32_t* ids, const acc_t* top, int64_t T, int k, int64_t E, int64_t capacity, bool by_score,
-          int64_t pad_to, int32_t* counts, int32_t* offsets, int32_t* slots, int32_t* sources,
+          int64_t pad_to, int64_t num_rows, int32_t* counts, int32_t* offsets, int32_t* slots, int32_t* sources,
           int64_t* num_dropped) {
   using namespace kernels;
   const Blocks blocks(T, kBlocks);
@@ -109,6 +114,8 @@ void plan(const int32_t* ids, const acc_t* top, int64_t T, int k, int64_t E, int
     off += (c + pad_to - 1) / pad_to * pad_to;
     offsets[e + 1] = static_cast<int32_t>(off);
   }
+  // before any row is written: sources has num_rows entries
+  TORCH_CHECK(off <= num_rows, "moe_kernels cpu route: the plan needs ", off, " rows but num_rows is ", num_rows);
   const std::vector<int64_t> base = block_bases(seg_start);
   at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
@@ -119,15 +126,18 @@ void plan(const int32_t* ids, const acc_t* top, int64_t T, int k, int64_t E, int
   *num_dropped = T * k - kept;
 }
 
-}  // namespace
+using RouteOut = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-std::vector<at::Tensor> route_fwd(const at::Tensor& logits, int64_t k, const std::string& score,
-                                  bool renormalize, int64_t capacity, const std::string& drop_policy,
-                                  int64_t pad_to, int64_t num_rows) {
+// route's work for route and task_route. With stop_on_nonfinite, a row holding NaN or inf stops
+// the work and sets *nonfinite (the caller raises the error naming its argument); otherwise such a
+// token follows the sync-free semantics.
+RouteOut route_impl(const at::Tensor& logits, int64_t k, std::string_view score, bool renormalize,
+                    int64_t capacity, std::string_view drop_policy, int64_t pad_to, int64_t num_rows,
+                    bool stop_on_nonfinite, bool* nonfinite) {
   check_logits(logits, "route");
   TORCH_CHECK(score == "softmax" || score == "sigmoid", "moe_kernels cpu route: bad score ", score);
   const int64_t T = logits.size(0), E = logits.size(1);
-  TORCH_CHECK(k >= 1 && k <= E && pad_to >= 1, "moe_kernels cpu route: bad k or pad_to");
+  TORCH_CHECK(k >= 1 && k <= E && pad_to >= 1 && num_rows >= 0, "moe_kernels cpu route: bad k, pad_to or num_rows");
   const auto acc_type = acc_type_of(logits.scalar_type());
   const bool softmax = score == "softmax";
   const bool by_score = capacity >= 0 && drop_policy == "score";
@@ -139,64 +149,87 @@ std::vector<at::Tensor> route_fwd(const at::Tensor& logits, int64_t k, const std
   at::Tensor counts = at::empty({E}, i32), offsets = at::empty({E + 1}, i32);
   at::Tensor slots = at::empty({T, k}, i32), sources = at::full({num_rows}, -1, i32);
   int64_t dropped = 0;
-  std::atomic<bool> finite{true};
+  std::atomic<bool> any_bad{false};
+  // the non-finite tokens, for the "score" policy's priorities (the only consumer)
+  std::vector<uint8_t> bad(by_score ? static_cast<size_t>(T) : 0, 0);
+  uint8_t* badp = by_score ? bad.data() : nullptr;
 
   // pass 1, per token: upcast, finiteness, top-k by logit, scores, weights
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "moe_kernels_route", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* lp = logits.data_ptr<scalar_t>();
+    const scalar_t* lp = logits.const_data_ptr<scalar_t>();
     int32_t* idp = ids.data_ptr<int32_t>();
     acc_t* wp = weights.data_ptr<acc_t>();
     at::parallel_for(0, T, 256, [&](int64_t t0, int64_t t1) {
       std::vector<acc_t> row(static_cast<size_t>(E)), ex(static_cast<size_t>(E));
       for (int64_t t = t0; t < t1; ++t)
-        if (!kernels::route_row(lp + t * E, E, static_cast<int>(k), softmax, renormalize, row.data(),
-                                ex.data(), idp + t * k, wp + t * k)) {
-          finite.store(false, std::memory_order_relaxed);
-          return;
+        if (!kernels::route_row(lp + t * E, E, static_cast<int>(k), softmax, renormalize, row.data(), ex.data(),
+                                idp + t * k, wp + t * k)) {
+          any_bad.store(true, std::memory_order_relaxed);
+          if (stop_on_nonfinite) return;  // the caller raises
+          if (badp) badp[t] = 1;
         }
     });
   });
-  if (!finite.load()) {  // the caller raises the user-facing error naming the argument
-    return {weights, ids, counts, offsets, slots, sources, at::scalar_tensor(dropped, at::kLong),
-            at::scalar_tensor(false, at::kBool)};
-  }
+  *nonfinite = any_bad.load();
+  if (*nonfinite && stop_on_nonfinite) return {};
 
   // pass 2: the plan. The "score" drop policy ranks assignments of different tokens by their score,
   // so it takes the scores from ATen's softmax / sigmoid, exactly as the reference does: integer
-  // outputs then agree bit for bit.
+  // outputs then agree bit for bit. A non-finite token's priority is -inf.
   AT_DISPATCH_FLOATING_TYPES(acc_type, "moe_kernels_route_plan", [&] {
     at::Tensor top;
     if (by_score) {
       const at::Tensor lf = logits.to(acc_type);
       top = (softmax ? at::softmax(lf, -1) : at::sigmoid(lf)).gather(1, ids.to(at::kLong)).contiguous();
+      if (*nonfinite) {
+        scalar_t* tp = top.data_ptr<scalar_t>();
+        for (int64_t t = 0; t < T; ++t)
+          if (badp[t])
+            for (int64_t j = 0; j < k; ++j) tp[t * k + j] = -std::numeric_limits<scalar_t>::infinity();
+      }
     }
-    plan<scalar_t>(ids.data_ptr<int32_t>(), by_score ? top.data_ptr<scalar_t>() : nullptr, T,
-                   static_cast<int>(k), E, capacity, by_score, pad_to, counts.data_ptr<int32_t>(),
-                   offsets.data_ptr<int32_t>(), slots.data_ptr<int32_t>(), sources.data_ptr<int32_t>(),
-                   &dropped);
+    plan<scalar_t>(ids.const_data_ptr<int32_t>(), by_score ? top.const_data_ptr<scalar_t>() : nullptr, T,
+                   static_cast<int>(k), E, capacity, by_score, pad_to, num_rows, counts.data_ptr<int32_t>(),
+                   offsets.data_ptr<int32_t>(), slots.data_ptr<int32_t>(), sources.data_ptr<int32_t>(), &dropped);
   });
-  TORCH_CHECK(offsets.data_ptr<int32_t>()[E] <= num_rows, "moe_kernels cpu route: plan exceeds num_rows");
-  return {weights, ids, counts, offsets, slots, sources, at::scalar_tensor(dropped, at::kLong),
-          at::scalar_tensor(true, at::kBool)};
+  return {weights, ids, counts, offsets, slots, sources, at::scalar_tensor(dropped, at::kLong)};
 }
 
-at::Tensor route_bwd(const at::Tensor& grad_weights, const at::Tensor& logits, const at::Tensor& topk_ids,
-                     const std::string& score, bool renormalize) {
+}  // namespace
+
+RouteOut route(const at::Tensor& logits, int64_t k, std::string_view score, bool renormalize, int64_t capacity,
+               std::string_view drop_policy, int64_t pad_to, int64_t num_rows, bool check_values) {
+  bool nonfinite = false;
+  RouteOut out = route_impl(logits, k, score, renormalize, capacity, drop_policy, pad_to, num_rows, check_values,
+                            &nonfinite);
+  if (nonfinite && check_values) {
+    int64_t i = 0, j = 0;
+    first_nonfinite(logits, &i, &j);
+    fail_nonfinite("route", "logits", i, j);
+  }
+  return out;
+}
+
+at::Tensor route_backward(const at::Tensor& grad_weights, const at::Tensor& logits, const at::Tensor& topk_ids,
+                          std::string_view score, bool renormalize) {
   check_logits(logits, "route_backward");
+  TORCH_CHECK(grad_weights.dim() == 2 && topk_ids.dim() == 2, "moe_kernels cpu route_backward: grad_weights and "
+              "topk_ids must be [T, k]");
   const int64_t T = logits.size(0), E = logits.size(1), k = topk_ids.size(1);
   const auto acc_type = acc_type_of(logits.scalar_type());
   TORCH_CHECK(grad_weights.is_contiguous() && topk_ids.is_contiguous() && grad_weights.size(0) == T &&
                   grad_weights.size(1) == k && topk_ids.size(0) == T && topk_ids.scalar_type() == at::kInt,
               "moe_kernels cpu route_backward: bad grad_weights or topk_ids");
+  check_index_range(topk_ids, E, "route_backward", "topk_ids");  // a guard: the ids index the logits' rows
   const at::Tensor g = grad_weights.to(acc_type);
   at::Tensor out = at::empty({T, E}, logits.options());
   const bool softmax = score == "softmax";
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "moe_kernels_route_bwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* lp = logits.data_ptr<scalar_t>();
-    const int32_t* idp = topk_ids.data_ptr<int32_t>();
-    const acc_t* gp = g.data_ptr<acc_t>();
+    const scalar_t* lp = logits.const_data_ptr<scalar_t>();
+    const int32_t* idp = topk_ids.const_data_ptr<int32_t>();
+    const acc_t* gp = g.const_data_ptr<acc_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     at::parallel_for(0, T, 256, [&](int64_t t0, int64_t t1) {
       std::vector<acc_t> row(static_cast<size_t>(E)), p(static_cast<size_t>(E)), top(static_cast<size_t>(k)),
@@ -217,7 +250,7 @@ namespace {
 std::vector<at::Tensor> rows_by_task(const at::Tensor& task_ids, int64_t M) {
   const int64_t T = task_ids.size(0);
   const at::Tensor tids = task_ids.to(at::kLong).contiguous();
-  const int64_t* tp = tids.data_ptr<int64_t>();
+  const int64_t* tp = tids.const_data_ptr<int64_t>();
   std::vector<int64_t> start(M + 1, 0);
   for (int64_t t = 0; t < T; ++t) ++start[tp[t] + 1];
   for (int64_t m = 0; m < M; ++m) start[m + 1] += start[m];
@@ -245,29 +278,42 @@ at::Tensor task_logits(const at::Tensor& x, const at::Tensor& w, const std::opti
 
 }  // namespace
 
-std::vector<at::Tensor> task_route_fwd(const at::Tensor& x, const at::Tensor& router_weight,
-                                       const std::optional<at::Tensor>& task_ids, int64_t batch_task, int64_t k,
-                                       const std::string& score, bool renormalize, int64_t capacity,
-                                       const std::string& drop_policy, int64_t pad_to, int64_t num_rows) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+task_route(const at::Tensor& x, const at::Tensor& router_weight, const std::optional<at::Tensor>& task_ids,
+           int64_t batch_task, int64_t k, std::string_view score, bool renormalize, int64_t capacity,
+           std::string_view drop_policy, int64_t pad_to, int64_t num_rows, bool check_values) {
   TORCH_CHECK(x.dim() == 2 && router_weight.dim() == 3 && x.is_contiguous() && router_weight.is_contiguous(),
               "moe_kernels cpu task_route: x must be [T, d] and router_weight [M, d, E], contiguous");
   TORCH_CHECK(batch_task >= 0 || task_ids.has_value(), "moe_kernels cpu task_route: no task ids");
+  TORCH_CHECK(batch_task < router_weight.size(0), "moe_kernels cpu task_route: batch_task out of range");
+  if (task_ids.has_value()) check_index_range(*task_ids, router_weight.size(0), "task_route", "task_ids");
   const at::Tensor logits = task_logits(x, router_weight, task_ids, batch_task);
-  std::vector<at::Tensor> out = route_fwd(logits, k, score, renormalize, capacity, drop_policy, pad_to, num_rows);
-  out.insert(out.begin(), logits);
-  return out;  // {logits, weights, ids, counts, offsets, slots, sources, num_dropped, all_finite}
+  bool nonfinite = false;
+  auto [w, ids, counts, offsets, slots, sources, dropped] = route_impl(
+      logits, k, score, renormalize, capacity, drop_policy, pad_to, num_rows, check_values, &nonfinite);
+  if (nonfinite && check_values) {  // name the input that made them: x, else the router product
+    int64_t i = 0, j = 0;
+    if (first_nonfinite(x, &i, &j)) fail_nonfinite("task_route", "x", i, j);
+    first_nonfinite(logits, &i, &j);
+    fail_nonfinite("task_route", "router_weight (the router logits x @ router_weight)", i, j);
+  }
+  return {logits, w, ids, counts, offsets, slots, sources, dropped};
 }
 
-std::tuple<at::Tensor, at::Tensor> task_route_bwd(const std::optional<at::Tensor>& grad_logits,
-                                                  const std::optional<at::Tensor>& grad_weights, const at::Tensor& x,
-                                                  const at::Tensor& router_weight,
-                                                  const std::optional<at::Tensor>& task_ids, int64_t batch_task,
-                                                  const at::Tensor& logits, const at::Tensor& topk_ids,
-                                                  const std::string& score, bool renormalize) {
+std::tuple<at::Tensor, at::Tensor> task_route_backward(const std::optional<at::Tensor>& grad_logits,
+                                                       const std::optional<at::Tensor>& grad_weights,
+                                                       const at::Tensor& x, const at::Tensor& router_weight,
+                                                       const std::optional<at::Tensor>& task_ids,
+                                                       int64_t batch_task, const at::Tensor& logits,
+                                                       const at::Tensor& topk_ids, std::string_view score,
+                                                       bool renormalize) {
+  TORCH_CHECK(batch_task >= 0 || task_ids.has_value(), "moe_kernels cpu task_route_backward: no task ids");
+  TORCH_CHECK(batch_task < router_weight.size(0), "moe_kernels cpu task_route_backward: batch_task out of range");
+  if (batch_task < 0) check_index_range(*task_ids, router_weight.size(0), "task_route_backward", "task_ids");
   const auto acc_type = acc_type_of(logits.scalar_type());
   at::Tensor g = at::zeros(logits.sizes(), logits.options().dtype(acc_type));
   if (grad_logits.has_value()) g.add_(grad_logits->to(acc_type));
-  if (grad_weights.has_value()) g.add_(route_bwd(*grad_weights, logits, topk_ids, score, renormalize).to(acc_type));
+  if (grad_weights.has_value()) g.add_(route_backward(*grad_weights, logits, topk_ids, score, renormalize).to(acc_type));
   g = g.to(x.scalar_type());
   at::Tensor gw = at::zeros_like(router_weight);
   if (batch_task >= 0) {

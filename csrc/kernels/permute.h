@@ -3,7 +3,9 @@
 // dispatch:      out[r] = x[sources[r]] (bit-exact copy), zero where sources[r] == -1.
 // gather_sum:    out[t] = sum_j w[t,j] * y[slots[t,j]] over slots >= 0, accumulated in acc_t in j
 //                order (w == nullptr: unit weights), rounded once to scalar_t. Built with
-//                -ffp-contract=off, this is the reference's exact sequence of roundings.
+//                -ffp-contract=off, this is the reference's exact sequence of roundings. A dropped
+//                assignment (slot < 0) adds 0 * w: nothing for a finite weight, NaN to the whole
+//                row for a non-finite one (a non-finite token's NaN weights never vanish).
 // scatter_rows:  gy[r] = w[a] * g[a / k] for the assignment a that row r holds (each row written
 //                once), zero for rows that hold none.
 // weight_grad:   gw[t,j] = <g[t], y[slots[t,j]]> in acc_t (row_dot's order), 0 when dropped.
@@ -15,8 +17,10 @@
 //                once to scalar_t.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 
 #include <c10/util/BFloat16.h>
 
@@ -86,7 +90,11 @@ inline void gather_sum_rows(const scalar_t* y, const w_t* w, const int32_t* slot
     for (int64_t c = 0; c < d; ++c) acc[c] = acc_t(0);
     for (int j = 0; j < k; ++j) {
       const int32_t s = slots[t * k + j];
-      if (s < 0) continue;
+      if (s < 0) {
+        if (w && !std::isfinite(static_cast<acc_t>(w[t * k + j])))
+          for (int64_t c = 0; c < d; ++c) acc[c] += std::numeric_limits<acc_t>::quiet_NaN();
+        continue;
+      }
       const scalar_t* row = y + static_cast<int64_t>(s) * d;
       if (w) {
         const acc_t wj = static_cast<acc_t>(w[t * k + j]);

@@ -4,7 +4,8 @@
 // outputs: top-k by score with ties to the lower expert id (ids ordered by descending score, then
 // ascending id); assignments a = t*k + j; "position" keeps the first C assignments of an expert in
 // token order, "score" the C with the highest score (ties: lower token); kept rows grouped by expert
-// in token order, each segment padded to a multiple of pad_to.
+// in token order, each segment padded to a multiple of pad_to. A token whose logits are not all
+// finite routes to experts 0..k-1 with NaN weights and, under "score", the lowest priority (-inf).
 //
 // Determinism: every result depends only on token order, never on how tokens are split into blocks,
 // so any thread count gives identical output.
@@ -43,8 +44,9 @@ inline void topk_row(const acc_t* s, int64_t E, int k, int32_t* ids, acc_t* vals
 // One token's routing from its logits: upcast the row into `row` (acc_t[E]), rank it (the top-k of
 // the logits is the top-k of the scores: softmax and sigmoid are monotone), then compute the k
 // scores and the weights. Softmax: p_e = exp(l_e - max) / sum over every expert, with `ex`
-// (acc_t[E]) as scratch for the exps. Returns false when the row holds NaN or inf (nothing else is
-// then meaningful).
+// (acc_t[E]) as scratch for the exps. Returns false when the row holds NaN or inf: the token then
+// gets the ids 0, 1, ..., k-1 and k NaN weights (the sync-free semantics of a non-finite token;
+// its drop priority, -inf, is the plan builder's business).
 template <typename in_t, typename acc_t>
 inline bool route_row(const in_t* logits, int64_t E, int k, bool softmax, bool renormalize, acc_t* row,
                       acc_t* ex, int32_t* ids, acc_t* weights) {
@@ -53,7 +55,13 @@ inline bool route_row(const in_t* logits, int64_t E, int k, bool softmax, bool r
     row[e] = static_cast<acc_t>(logits[e]);
     finite &= static_cast<int>(std::isfinite(row[e]));
   }
-  if (!finite) return false;
+  if (!finite) {
+    for (int j = 0; j < k; ++j) {
+      ids[j] = static_cast<int32_t>(j);
+      weights[j] = std::numeric_limits<acc_t>::quiet_NaN();
+    }
+    return false;
+  }
   topk_row(row, E, k, ids, weights);
   if (softmax) {
     const acc_t sum = exp_shifted_sum(row, weights[0], ex, E);  // weights[0]: the largest logit
