@@ -1,17 +1,34 @@
-"""Argument checks shared by every op.
+"""Argument checks shared by every op, and the validation policy for values.
 
 Every public op validates its inputs before any work is done, so bad input raises one clear
 error naming the op and the argument and changes nothing. Checks on *metadata* (shapes, dtypes,
-devices, contiguity, option values) run in the Python wrappers and are traced by ``torch.compile``;
-checks on *values* (NaN/inf logits, expert ids or offsets out of range) need the data and run
-inside the custom ops' real implementations, which always execute eagerly.
+devices, contiguity, option values) always run, in the Python wrappers, and are traced by
+``torch.compile``. Checks on *values* (NaN/inf logits, expert ids or offsets out of range) need
+the data; which of them run, and where, is the validation policy (:func:`checking_values`):
+
+* *checking*: synchronous checks with a clear error, before the kernel runs (or inside a kernel
+  that declares it makes them itself). The default for CPU tensors, where reading values costs no
+  device synchronisation.
+* *sync-free*: no value is read on the host, so a forward and backward never synchronise with the
+  device (CUDA-graph capturable). Bad values still never pass silently: a token with non-finite
+  logits gets NaN gate weights (its output is NaN), an id or offset out of range trips an
+  asynchronous device-side assertion. The default for every other device.
+
+``MOE_KERNELS_CHECK_VALUES=1`` checks on every device (today's clear errors, at the cost of host
+syncs on a GPU), ``=0`` is sync-free everywhere (the CPU too); :func:`value_checks` and
+:func:`set_value_checks` choose in code and take precedence over the environment.
 """
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+import contextlib
+import os
+from typing import Iterable, Optional, Sequence
 
 import torch
+
+CHECK_VALUES_ENV = "MOE_KERNELS_CHECK_VALUES"
+_forced: Optional[bool] = None  # set_value_checks / value_checks; None: the environment decides
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 INT_DTYPES = (torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8)
@@ -110,3 +127,66 @@ def check_offsets(offsets: torch.Tensor, num_rows: int, op: str, arg: str = "off
         fail(op, arg, f"must be non-decreasing, got offsets[{i}]={int(o[i])} > offsets[{i + 1}]={int(o[i + 1])}")
     if int(o[-1]) > num_rows:
         fail(op, arg, f"ends at {int(o[-1])} but the input has only {num_rows} rows")
+
+
+# ---- the validation policy for values
+
+def checking_values(device: Optional[torch.device]) -> bool:
+    """Whether value checks run synchronously for tensors on ``device`` (see the module docstring)."""
+    if _forced is not None:
+        return _forced
+    env = os.environ.get(CHECK_VALUES_ENV)
+    if env:
+        if env == "1":
+            return True
+        if env == "0":
+            return False
+        if env != "auto":
+            raise MoEKernelsError(f"moe_kernels: environment variable {CHECK_VALUES_ENV} must be 0, 1 or auto, "
+                                  f"got {env!r}")
+    return device is not None and device.type == "cpu"
+
+
+def set_value_checks(enabled: Optional[bool]) -> None:
+    """Choose the validation policy for the whole process: ``True`` checks values synchronously on
+    every device, ``False`` is sync-free everywhere, ``None`` restores the default (the
+    environment variable ``MOE_KERNELS_CHECK_VALUES``, else checking on CPU tensors only)."""
+    global _forced
+    if enabled is not None and not isinstance(enabled, bool):
+        raise MoEKernelsError(f"moe_kernels.set_value_checks: argument 'enabled' must be True, False or None, "
+                              f"got {enabled!r}")
+    _forced = enabled
+
+
+@contextlib.contextmanager
+def value_checks(enabled: Optional[bool]):
+    """Within the block, :func:`set_value_checks` ``(enabled)``; the previous policy after it.
+
+    Example:
+        >>> with mk.value_checks(False):      # sync-free, as on a GPU: NaN logits give NaN outputs
+        ...     out = layer(x)
+    """
+    global _forced
+    before = _forced
+    set_value_checks(enabled)
+    try:
+        yield
+    finally:
+        _forced = before
+
+
+def assert_index_range_async(t: torch.Tensor, hi: int, op: str, arg: str, *, allow_minus_one=False) -> None:
+    """The sync-free form of :func:`check_index_range`: a device-side assertion, no host sync."""
+    if t.numel():
+        lo = -1 if allow_minus_one else 0
+        torch._assert_async(((t >= lo) & (t < hi)).all(),
+                            f"moe_kernels.{op}: argument '{arg}' has a value out of range [{lo}, {hi})")
+
+
+def assert_offsets_async(offsets: torch.Tensor, num_rows: int, op: str, arg: str = "offsets") -> None:
+    """The sync-free form of :func:`check_offsets`: a device-side assertion, no host sync."""
+    ok = (offsets[0] == 0) & (offsets[-1] <= num_rows)
+    if offsets.numel() > 1:
+        ok = ok & (offsets[1:] >= offsets[:-1]).all()
+    torch._assert_async(ok, f"moe_kernels.{op}: argument '{arg}' must start at 0, be non-decreasing and end "
+                            f"at most at {num_rows}")

@@ -43,6 +43,7 @@ def info(out=sys.stdout) -> int:
     import torch
 
     import moe_kernels as mk
+    from moe_kernels._validation import CHECK_VALUES_ENV
     from moe_kernels.backends import BACKENDS, ENV_VAR, PREFERENCE
 
     def row(k, v):
@@ -69,9 +70,17 @@ def info(out=sys.stdout) -> int:
         if not b.available:
             row("", f"to get it: {b.how_to_get}")
         elif name != "reference":
-            row("", f"{len(b.kernels)} kernels: {', '.join(sorted(b.kernels))}")
+            native = sorted(n for n, k in b.kernels.items() if not k.delegated_to)
+            row("", f"{len(native)} kernels: {', '.join(native)}")
+            by = {}
+            for op, to in b.delegated.items():
+                by.setdefault(to, []).append(op)
+            for to, ops in sorted(by.items()):
+                row("", f"delegated to {to} by design: {', '.join(sorted(ops))}")
     env = os.environ.get(ENV_VAR)
     row(ENV_VAR, env if env else "(unset: choose by device)")
+    chk = os.environ.get(CHECK_VALUES_ENV)
+    row(CHECK_VALUES_ENV, chk if chk else "(unset: synchronous value checks on CPU tensors, sync-free elsewhere)")
     for dev, prefs in PREFERENCE.items():
         chosen = next((p for p in prefs if BACKENDS[p].available), "reference")
         row(f"auto on {dev}", f"{chosen}  (preference {' > '.join(prefs)})")

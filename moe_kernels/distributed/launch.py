@@ -97,8 +97,8 @@ def run_processes(fn: Callable[..., Any], nprocs: int = 2, *, args: Sequence = (
     import torch.multiprocessing as mp
 
     if prebuild:
-        from .._ext import load_cpu  # returns (module or None, reason); never raises
-        load_cpu()
+        from ..backends import BACKENDS
+        BACKENDS["cpu"].available  # builds (or loads) the C++ kernels once here; never raises
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()

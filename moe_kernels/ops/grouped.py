@@ -7,11 +7,11 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .._validation import (FLOAT_DTYPES, check, check_choice, check_offsets, check_same_device,
-                           check_tensor)
-from ..backends import get_kernel, resolve
-from ..reference.grouped import ACTIVATIONS
+from .._validation import FLOAT_DTYPES, check, check_choice, check_same_device, check_tensor
+from ..backends import resolve
+from ..backends.reference.grouped import ACTIVATIONS
 from ..types import Routing
+from ._runner import custom_op, run
 from .permute import _check_routing
 
 
@@ -21,10 +21,9 @@ def _empty_if_none(t: Optional[Tensor], like: Tensor) -> Tensor:
 
 # ---------------------------------------------------------------- grouped_gemm
 
-@torch.library.custom_op("moe_kernels::grouped_gemm", mutates_args=())
+@custom_op("grouped_gemm", mutates_args=())
 def _grouped_gemm(x: Tensor, offsets: Tensor, w: Tensor, backend: str) -> Tensor:
-    check_offsets(offsets, x.shape[0], "grouped_gemm")
-    return get_kernel(backend, "grouped_gemm")(x, offsets, w)
+    return run(backend, "grouped_gemm", x, offsets, w)
 
 
 @_grouped_gemm.register_fake
@@ -32,10 +31,10 @@ def _(x, offsets, w, backend):
     return x.new_empty(x.shape[0], w.shape[2])
 
 
-@torch.library.custom_op("moe_kernels::grouped_gemm_backward", mutates_args=())
+@custom_op("grouped_gemm_backward", mutates_args=())
 def _grouped_gemm_backward(grad_out: Tensor, x: Tensor, offsets: Tensor, w: Tensor, need_x: bool,
                            need_w: bool, backend: str) -> tuple[Tensor, Tensor]:
-    gx, gw = get_kernel(backend, "grouped_gemm_backward")(grad_out, x, offsets, w, need_x, need_w)
+    gx, gw = run(backend, "grouped_gemm_backward", grad_out, x, offsets, w, need_x, need_w)
     return _empty_if_none(gx, x), _empty_if_none(gw, w)
 
 
@@ -45,13 +44,13 @@ def _(grad_out, x, offsets, w, need_x, need_w, backend):
             torch.empty_like(w) if need_w else w.new_empty(0))
 
 
-def _gg_setup(ctx, inputs, output):
+def _grouped_gemm_setup(ctx, inputs, output):
     x, offsets, w, backend = inputs
     ctx.save_for_backward(x, offsets, w)
     ctx.backend = backend
 
 
-def _gg_bwd(ctx, grad):
+def _grouped_gemm_autograd(ctx, grad):
     x, offsets, w = ctx.saved_tensors
     need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
     if not (need_x or need_w):
@@ -60,17 +59,16 @@ def _gg_bwd(ctx, grad):
     return (gx if need_x else None), None, (gw if need_w else None), None
 
 
-_grouped_gemm.register_autograd(_gg_bwd, setup_context=_gg_setup)
+_grouped_gemm.register_autograd(_grouped_gemm_autograd, setup_context=_grouped_gemm_setup)
 
 
 # ---------------------------------------------------------------- grouped_mlp
 
 # outputs: (y [N, d_out], z [N, h1]); z, the pre-activation, is saved for backward (not differentiable)
-@torch.library.custom_op("moe_kernels::grouped_mlp", mutates_args=())
+@custom_op("grouped_mlp", mutates_args=())
 def _grouped_mlp(x: Tensor, offsets: Tensor, w1: Tensor, w2: Tensor, b1: Optional[Tensor],
                  b2: Optional[Tensor], activation: str, backend: str) -> tuple[Tensor, Tensor]:
-    check_offsets(offsets, x.shape[0], "grouped_mlp")
-    y, z = get_kernel(backend, "grouped_mlp")(x, offsets, w1, w2, b1, b2, activation)
+    y, z = run(backend, "grouped_mlp", x, offsets, w1, w2, b1, b2, activation)
     return y, z
 
 
@@ -79,12 +77,12 @@ def _(x, offsets, w1, w2, b1, b2, activation, backend):
     return x.new_empty(x.shape[0], w2.shape[2]), x.new_empty(x.shape[0], w1.shape[2])
 
 
-@torch.library.custom_op("moe_kernels::grouped_mlp_backward", mutates_args=())
+@custom_op("grouped_mlp_backward", mutates_args=())
 def _grouped_mlp_backward(grad_out: Tensor, x: Tensor, z: Tensor, offsets: Tensor, w1: Tensor,
                           w2: Tensor, b1: Optional[Tensor], b2: Optional[Tensor], activation: str,
                           backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    gx, gw1, gw2, gb1, gb2 = get_kernel(backend, "grouped_mlp_backward")(
-        grad_out, x, z, offsets, w1, w2, b1, b2, activation)
+    gx, gw1, gw2, gb1, gb2 = run(backend, "grouped_mlp_backward", grad_out, x, z, offsets, w1, w2, b1, b2,
+                                 activation)
     return gx, gw1, gw2, _empty_if_none(gb1, w1), _empty_if_none(gb2, w2)
 
 
@@ -95,14 +93,14 @@ def _(grad_out, x, z, offsets, w1, w2, b1, b2, activation, backend):
             torch.empty_like(b2) if b2 is not None else w2.new_empty(0))
 
 
-def _gm_setup(ctx, inputs, output):
+def _grouped_mlp_setup(ctx, inputs, output):
     x, offsets, w1, w2, b1, b2, activation, backend = inputs
     ctx.mark_non_differentiable(output[1])
     ctx.save_for_backward(x, output[1], offsets, w1, w2, b1, b2)
     ctx.opts = (activation, backend)
 
 
-def _gm_bwd(ctx, grad, _grad_z):
+def _grouped_mlp_autograd(ctx, grad, _grad_z):
     x, z, offsets, w1, w2, b1, b2 = ctx.saved_tensors
     gx, gw1, gw2, gb1, gb2 = _grouped_mlp_backward(grad.contiguous(), x, z, offsets, w1, w2, b1, b2,
                                                    *ctx.opts)
@@ -110,7 +108,7 @@ def _gm_bwd(ctx, grad, _grad_z):
             None, None)
 
 
-_grouped_mlp.register_autograd(_gm_bwd, setup_context=_gm_setup)
+_grouped_mlp.register_autograd(_grouped_mlp_autograd, setup_context=_grouped_mlp_setup)
 
 
 # ---------------------------------------------------------------- moe_mlp (the whole layer)
@@ -119,12 +117,11 @@ _grouped_mlp.register_autograd(_gm_bwd, setup_context=_gm_setup)
 # dispatched rows are gathered from x again and the expert outputs are never needed (the gate-weight
 # gradient is <g W2^T, act(z)>), so the layer keeps one [N, h1] tensor where the three composed ops
 # keep x dispatched [N, d], z and the expert outputs [N, d_out].
-@torch.library.custom_op("moe_kernels::moe_mlp", mutates_args=())
+@custom_op("moe_mlp", mutates_args=())
 def _moe_mlp(x: Tensor, weights: Tensor, slots: Tensor, sources: Tensor, offsets: Tensor, w1: Tensor,
              w2: Tensor, b1: Optional[Tensor], b2: Optional[Tensor], activation: str,
              backend: str) -> tuple[Tensor, Tensor]:
-    check_offsets(offsets, sources.shape[0], "moe_mlp")
-    out, z = get_kernel(backend, "moe_mlp")(x, weights, slots, sources, offsets, w1, w2, b1, b2, activation)
+    out, z = run(backend, "moe_mlp", x, weights, slots, sources, offsets, w1, w2, b1, b2, activation)
     return out, z
 
 
@@ -133,14 +130,13 @@ def _(x, weights, slots, sources, offsets, w1, w2, b1, b2, activation, backend):
     return x.new_empty(x.shape[0], w2.shape[2]), x.new_empty(sources.shape[0], w1.shape[2])
 
 
-@torch.library.custom_op("moe_kernels::moe_mlp_backward", mutates_args=())
+@custom_op("moe_mlp_backward", mutates_args=())
 def _moe_mlp_backward(grad_out: Tensor, x: Tensor, z: Tensor, weights: Tensor, slots: Tensor, sources: Tensor,
                       offsets: Tensor, w1: Tensor, w2: Tensor, b1: Optional[Tensor], b2: Optional[Tensor],
                       activation: str, need_x: bool, need_weights: bool, need_params: bool,
                       backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    gx, gwt, gw1, gw2, gb1, gb2 = get_kernel(backend, "moe_mlp_backward")(
-        grad_out, x, z, weights, slots, sources, offsets, w1, w2, b1, b2, activation, need_x, need_weights,
-        need_params)
+    gx, gwt, gw1, gw2, gb1, gb2 = run(backend, "moe_mlp_backward", grad_out, x, z, weights, slots, sources,
+                                      offsets, w1, w2, b1, b2, activation, need_x, need_weights, need_params)
     return (_empty_if_none(gx, x), _empty_if_none(gwt, weights), _empty_if_none(gw1, w1),
             _empty_if_none(gw2, w2), _empty_if_none(gb1, w1), _empty_if_none(gb2, w2))
 
@@ -154,7 +150,7 @@ def _(grad_out, x, z, weights, slots, sources, offsets, w1, w2, b1, b2, activati
             like(b1, need_params), like(b2, need_params))
 
 
-def _mm_setup(ctx, inputs, output):
+def _moe_mlp_setup(ctx, inputs, output):
     x, weights, slots, sources, offsets, w1, w2, b1, b2, activation, backend = inputs
     ctx.mark_non_differentiable(output[1])
     ctx.save_for_backward(x, output[1], weights, slots, sources, offsets, w1, w2, b1, b2)
@@ -162,7 +158,7 @@ def _mm_setup(ctx, inputs, output):
     ctx.backend = backend
 
 
-def _mm_bwd(ctx, grad, _grad_z):
+def _moe_mlp_autograd(ctx, grad, _grad_z):
     x, z, weights, slots, sources, offsets, w1, w2, b1, b2 = ctx.saved_tensors
     nx, nw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     npar = any(ctx.needs_input_grad[5:9])
@@ -173,7 +169,7 @@ def _mm_bwd(ctx, grad, _grad_z):
             gb1 if npar and b1 is not None else None, gb2 if npar and b2 is not None else None, None, None)
 
 
-_moe_mlp.register_autograd(_mm_bwd, setup_context=_mm_setup)
+_moe_mlp.register_autograd(_moe_mlp_autograd, setup_context=_moe_mlp_setup)
 
 
 # ---------------------------------------------------------------- public API

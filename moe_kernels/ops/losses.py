@@ -7,11 +7,11 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from .._validation import (FLOAT_DTYPES, INT_DTYPES, check, check_finite, check_index_range,
-                           check_int, check_same_device, check_tensor)
-from ..backends import get_kernel, resolve
-from ..reference._util import acc_dtype
+from .._validation import FLOAT_DTYPES, INT_DTYPES, check, check_int, check_same_device, check_tensor
+from ..backends import resolve
+from ..backends.reference._util import acc_dtype
 from ..types import Routing
+from ._runner import custom_op, run
 
 
 def _scalar_like(t: Tensor) -> Tensor:
@@ -20,64 +20,56 @@ def _scalar_like(t: Tensor) -> Tensor:
 
 # ---- load balancing
 
-@torch.library.custom_op("moe_kernels::load_balancing_loss", mutates_args=())
-def _lb(logits: Tensor, topk_ids: Tensor, score: str, backend: str) -> Tensor:
-    check_index_range(topk_ids, logits.shape[1], "load_balancing_loss", "routing.topk_ids")
-    return get_kernel(backend, "load_balancing_loss")(logits, topk_ids, score)
+@custom_op("load_balancing_loss", mutates_args=())
+def _load_balancing_loss(logits: Tensor, topk_ids: Tensor, score: str, backend: str) -> Tensor:
+    return run(backend, "load_balancing_loss", logits, topk_ids, score)
 
 
-@torch.library.custom_op("moe_kernels::load_balancing_loss_backward", mutates_args=())
-def _lb_bwd_op(grad: Tensor, logits: Tensor, topk_ids: Tensor, score: str, backend: str) -> Tensor:
-    return get_kernel(backend, "load_balancing_loss_backward")(grad, logits, topk_ids, score)
+@custom_op("load_balancing_loss_backward", mutates_args=())
+def _load_balancing_loss_backward(grad: Tensor, logits: Tensor, topk_ids: Tensor, score: str, backend: str) -> Tensor:
+    return run(backend, "load_balancing_loss_backward", grad, logits, topk_ids, score)
 
 
 # ---- z-loss
 
-@torch.library.custom_op("moe_kernels::z_loss", mutates_args=())
-def _z(logits: Tensor, backend: str) -> Tensor:
-    return get_kernel(backend, "z_loss")(logits)
+@custom_op("z_loss", mutates_args=())
+def _z_loss(logits: Tensor, backend: str) -> Tensor:
+    return run(backend, "z_loss", logits)
 
 
-@torch.library.custom_op("moe_kernels::z_loss_backward", mutates_args=())
-def _z_bwd_op(grad: Tensor, logits: Tensor, backend: str) -> Tensor:
-    return get_kernel(backend, "z_loss_backward")(grad, logits)
+@custom_op("z_loss_backward", mutates_args=())
+def _z_loss_backward(grad: Tensor, logits: Tensor, backend: str) -> Tensor:
+    return run(backend, "z_loss_backward", grad, logits)
 
 
 # ---- mutual information (batch form, Eq. 3) and EMA-buffer form (Eq. 5)
 
-@torch.library.custom_op("moe_kernels::mutual_information_loss", mutates_args=())
-def _mi(probs: Tensor, task_ids: Tensor, num_tasks: int, backend: str) -> Tensor:
-    check_index_range(task_ids, num_tasks, "mutual_information_loss", "task_ids")
-    check_finite(probs, "mutual_information_loss", "probs")
-    return get_kernel(backend, "mutual_information_loss")(probs, task_ids, num_tasks)
+@custom_op("mutual_information_loss", mutates_args=())
+def _mi_loss(probs: Tensor, task_ids: Tensor, num_tasks: int, backend: str) -> Tensor:
+    return run(backend, "mutual_information_loss", probs, task_ids, num_tasks)
 
 
-@torch.library.custom_op("moe_kernels::mutual_information_loss_backward", mutates_args=())
-def _mi_bwd_op(grad: Tensor, probs: Tensor, task_ids: Tensor, num_tasks: int, backend: str) -> Tensor:
-    return get_kernel(backend, "mutual_information_loss_backward")(grad, probs, task_ids, num_tasks)
+@custom_op("mutual_information_loss_backward", mutates_args=())
+def _mi_loss_backward(grad: Tensor, probs: Tensor, task_ids: Tensor, num_tasks: int, backend: str) -> Tensor:
+    return run(backend, "mutual_information_loss_backward", grad, probs, task_ids, num_tasks)
 
 
-@torch.library.custom_op("moe_kernels::mutual_information_loss_ema", mutates_args=())
-def _mi_ema(probs: Tensor, task_ids: Tensor, buffer: Tensor, num_tasks: int, backend: str) -> Tensor:
-    check_index_range(task_ids, num_tasks, "MutualInformationLoss", "task_ids")
-    check_finite(probs, "MutualInformationLoss", "probs")
-    return get_kernel(backend, "mutual_information_loss_ema")(probs, task_ids, buffer, num_tasks)
+@custom_op("mutual_information_loss_ema", mutates_args=())
+def _mi_loss_ema(probs: Tensor, task_ids: Tensor, buffer: Tensor, num_tasks: int, backend: str) -> Tensor:
+    return run(backend, "mutual_information_loss_ema", probs, task_ids, buffer, num_tasks)
 
 
-@torch.library.custom_op("moe_kernels::mutual_information_loss_ema_backward", mutates_args=())
-def _mi_ema_bwd_op(grad: Tensor, probs: Tensor, task_ids: Tensor, buffer: Tensor, num_tasks: int,
-                   backend: str) -> Tensor:
-    return get_kernel(backend, "mutual_information_loss_ema_backward")(grad, probs, task_ids, buffer,
-                                                                       num_tasks)
+@custom_op("mutual_information_loss_ema_backward", mutates_args=())
+def _mi_loss_ema_backward(grad: Tensor, probs: Tensor, task_ids: Tensor, buffer: Tensor, num_tasks: int,
+                          backend: str) -> Tensor:
+    return run(backend, "mutual_information_loss_ema_backward", grad, probs, task_ids, buffer, num_tasks)
 
 
-@torch.library.custom_op("moe_kernels::mutual_information_ema_update", mutates_args=("buffer",))
+@custom_op("mutual_information_ema_update", mutates_args=("buffer",))
 def _mi_ema_update(buffer: Tensor, probs: Tensor, task_ids: Tensor, num_tasks: int, momentum: float,
                    backend: str) -> None:
     """In place: B(D_i,:) <- m B(D_i,:) + (1-m) P(D_i,:) for the tasks present (checked first)."""
-    check_index_range(task_ids, num_tasks, "MutualInformationLoss", "task_ids")
-    check_finite(probs, "MutualInformationLoss", "probs")
-    get_kernel(backend, "mutual_information_ema_update")(buffer, probs, task_ids, num_tasks, momentum)
+    run(backend, "mutual_information_ema_update", buffer, probs, task_ids, num_tasks, momentum)
 
 
 @_mi_ema_update.register_fake
@@ -85,9 +77,9 @@ def _(buffer, probs, task_ids, num_tasks, momentum, backend):
     return None
 
 
-for _fwd in (_lb, _z, _mi, _mi_ema):
+for _fwd in (_load_balancing_loss, _z_loss, _mi_loss, _mi_loss_ema):
     _fwd.register_fake(lambda x, *rest: _scalar_like(x))
-for _bwd in (_lb_bwd_op, _z_bwd_op, _mi_bwd_op, _mi_ema_bwd_op):
+for _bwd in (_load_balancing_loss_backward, _z_loss_backward, _mi_loss_backward, _mi_loss_ema_backward):
     _bwd.register_fake(lambda g, x, *rest: torch.empty_like(x))
 
 
@@ -108,10 +100,10 @@ def _autograd(fwd, bwd_op):
 
 # tensor inputs precede the non-tensor ones in every loss signature, so saved tensors + rest
 # replays the forward arguments in order.
-_autograd(_lb, _lb_bwd_op)
-_autograd(_z, _z_bwd_op)
-_autograd(_mi, _mi_bwd_op)
-_autograd(_mi_ema, _mi_ema_bwd_op)
+_autograd(_load_balancing_loss, _load_balancing_loss_backward)
+_autograd(_z_loss, _z_loss_backward)
+_autograd(_mi_loss, _mi_loss_backward)
+_autograd(_mi_loss_ema, _mi_loss_ema_backward)
 
 
 # ---------------------------------------------------------------- public API
@@ -136,14 +128,14 @@ def load_balancing_loss(logits: Tensor, routing: Routing, *, backend: Optional[s
           op, "routing", f"was built for [T, E]={(routing.num_tokens, routing.num_experts)} but "
                          f"logits have shape {tuple(logits.shape)}")
     check_same_device(op, "logits", logits, **{"routing.topk_ids": routing.topk_ids})
-    return _lb(logits, routing.topk_ids, routing.score, resolve(op, logits.device, backend))
+    return _load_balancing_loss(logits, routing.topk_ids, routing.score, resolve(op, logits.device, backend))
 
 
 def z_loss(logits: Tensor, *, backend: Optional[str] = None) -> Tensor:
     """Router z-loss (ST-MoE): ``mean_t logsumexp(logits_t)^2``; 0 for ``T = 0``."""
     op = "z_loss"
     _check_logits(op, logits)
-    return _z(logits, resolve(op, logits.device, backend))
+    return _z_loss(logits, resolve(op, logits.device, backend))
 
 
 def _task_tensor(op, task_ids, num_tasks, probs) -> Tensor:
@@ -164,7 +156,9 @@ def _check_probs(op, probs):
 
 def mutual_information_loss(probs: Tensor, task_ids: Union[int, Tensor], num_tasks: int, *,
                             backend: Optional[str] = None) -> Tensor:
-    """Mod-Squad's mutual-information loss over one batch (Eq. 3 of MTHL, 004_... in the seeds).
+    """Mod-Squad's mutual-information loss over one batch (Eq. 3 of MTHL: "An Efficient General-Purpose
+    Modular Vision Model via Multi-Task Heterogeneous Training", arXiv:2306.17165; from "Mod-Squad:
+    Designing Mixtures of Experts As Modular Multi-Task Learners", arXiv:2212.08066).
 
     ``L = -sum P(D,E) log P(D,E) + sum P(D) log P(D) + sum P(E) log P(E) = -I(D; E)``, with
     ``P(D_i) = 1/M``, ``P(E|D_i)`` the normalised sum of ``probs`` over the tokens of task i
@@ -180,12 +174,12 @@ def mutual_information_loss(probs: Tensor, task_ids: Union[int, Tensor], num_tas
     _check_probs(op, probs)
     check_int(num_tasks, op, "num_tasks", lo=1)
     ids = _task_tensor(op, task_ids, num_tasks, probs)
-    return _mi(probs, ids, num_tasks, resolve(op, probs.device, backend))
+    return _mi_loss(probs, ids, num_tasks, resolve(op, probs.device, backend))
 
 
 def mutual_information_loss_ema(probs: Tensor, task_ids: Union[int, Tensor], buffer: Tensor,
                                 num_tasks: int, *, backend: Optional[str] = None) -> Tensor:
-    """MTHL's EMA-buffer mutual-information loss (Eq. 5 of 004_...) for a given buffer ``B``.
+    """MTHL's EMA-buffer mutual-information loss (Eq. 5 of arXiv:2306.17165) for a given buffer ``B``.
 
     ``L = -sum_ij [1 + log B_ij] P(D_i,E_j) + sum_j [1 + log sum_i B_ij] P(E_j)``; ``B`` enters
     as a constant. Use :class:`moe_kernels.nn.MutualInformationLoss`, which owns and updates the
@@ -200,7 +194,7 @@ def mutual_information_loss_ema(probs: Tensor, task_ids: Union[int, Tensor], buf
     check_same_device(op, "probs", probs, buffer=buffer)
     ids = _task_tensor(op, task_ids, num_tasks, probs)
     # a private copy: the caller may update its buffer in place before backward runs
-    return _mi_ema(probs, ids, buffer.detach().clone(), num_tasks, resolve(op, probs.device, backend))
+    return _mi_loss_ema(probs, ids, buffer.detach().clone(), num_tasks, resolve(op, probs.device, backend))
 
 
 def mutual_information_ema_update(buffer: Tensor, probs: Tensor, task_ids: Union[int, Tensor],

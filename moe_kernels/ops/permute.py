@@ -7,22 +7,17 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .._validation import FLOAT_DTYPES, check, check_index_range, check_same_device, check_tensor
-from ..backends import get_kernel, resolve
+from .._validation import FLOAT_DTYPES, check, check_same_device, check_tensor
+from ..backends import resolve
 from ..types import Routing
-
-
-def _check_plan(slots: Tensor, sources: Tensor, num_tokens: int, op: str) -> None:
-    check_index_range(slots, sources.shape[0], op, "routing.slots", allow_minus_one=True)
-    check_index_range(sources, num_tokens, op, "routing.sources", allow_minus_one=True)
+from ._runner import custom_op, run
 
 
 # ---------------------------------------------------------------- dispatch
 
-@torch.library.custom_op("moe_kernels::dispatch", mutates_args=())
+@custom_op("dispatch", mutates_args=())
 def _dispatch(x: Tensor, slots: Tensor, sources: Tensor, backend: str) -> Tensor:
-    _check_plan(slots, sources, x.shape[0], "dispatch")
-    return get_kernel(backend, "dispatch")(x, slots, sources)
+    return run(backend, "dispatch", x, slots, sources)
 
 
 @_dispatch.register_fake
@@ -30,9 +25,9 @@ def _(x, slots, sources, backend):
     return x.new_empty(sources.shape[0], x.shape[1])
 
 
-@torch.library.custom_op("moe_kernels::dispatch_backward", mutates_args=())
+@custom_op("dispatch_backward", mutates_args=())
 def _dispatch_backward(grad_out: Tensor, slots: Tensor, backend: str) -> Tensor:
-    return get_kernel(backend, "dispatch_backward")(grad_out, slots)
+    return run(backend, "dispatch_backward", grad_out, slots)
 
 
 @_dispatch_backward.register_fake
@@ -55,10 +50,9 @@ _dispatch.register_autograd(_dispatch_bwd, setup_context=_dispatch_setup)
 
 # ---------------------------------------------------------------- combine
 
-@torch.library.custom_op("moe_kernels::combine", mutates_args=())
+@custom_op("combine", mutates_args=())
 def _combine(y: Tensor, weights: Tensor, slots: Tensor, backend: str) -> Tensor:
-    check_index_range(slots, y.shape[0], "combine", "routing.slots", allow_minus_one=True)
-    return get_kernel(backend, "combine")(y, weights, slots)
+    return run(backend, "combine", y, weights, slots)
 
 
 @_combine.register_fake
@@ -66,18 +60,18 @@ def _(y, weights, slots, backend):
     return y.new_empty(slots.shape[0], y.shape[1])
 
 
-@torch.library.custom_op("moe_kernels::combine_backward", mutates_args=())
+@custom_op("combine_backward", mutates_args=())
 def _combine_backward(grad_out: Tensor, y: Tensor, weights: Tensor, slots: Tensor, need_y: bool,
-                      need_w: bool, backend: str) -> tuple[Tensor, Tensor]:
-    gy, gw = get_kernel(backend, "combine_backward")(grad_out, y, weights, slots, need_y, need_w)
+                      need_weights: bool, backend: str) -> tuple[Tensor, Tensor]:
+    gy, gw = run(backend, "combine_backward", grad_out, y, weights, slots, need_y, need_weights)
     # custom ops cannot return None: an unneeded gradient comes back as an empty tensor
     return (gy if gy is not None else y.new_empty(0)), (gw if gw is not None else weights.new_empty(0))
 
 
 @_combine_backward.register_fake
-def _(grad_out, y, weights, slots, need_y, need_w, backend):
+def _(grad_out, y, weights, slots, need_y, need_weights, backend):
     return (torch.empty_like(y) if need_y else y.new_empty(0),
-            torch.empty_like(weights) if need_w else weights.new_empty(0))
+            torch.empty_like(weights) if need_weights else weights.new_empty(0))
 
 
 def _combine_setup(ctx, inputs, output):

@@ -15,21 +15,22 @@ import torch
 from torch import Tensor
 
 from .._validation import FLOAT_DTYPES, check, check_choice, check_same_device, check_tensor, fail
-from ..backends import get_kernel, resolve
-from ..reference._util import acc_dtype
-from ..reference.reconcile import RECONCILE_ACTIVATIONS
+from ..backends import resolve
+from ..backends.reference._util import acc_dtype
+from ..backends.reference.reconcile import RECONCILE_ACTIVATIONS
+from ._runner import custom_op, run
 
 
 # Functional: the op returns the batch statistics and the wrapper below updates the running buffers
 # (ATen in-place ops on [L, C]: negligible). torch.library refuses an autograd formula on a custom op
 # that mutates its inputs ("Cannot register autograd formula for non-functional operator"), and
 # aten's own _native_batch_norm_legit_functional is built the same way.
-@torch.library.custom_op("moe_kernels::reconcile", mutates_args=())
+@custom_op("reconcile", mutates_args=())
 def _reconcile(main: Optional[Tensor], aux: list[Tensor], weights: list[Tensor], bias: list[Tensor],
-               activation: str, backend: str, batch_norm: bool = False, bn_weight: Optional[Tensor] = None,
-               bn_bias: Optional[Tensor] = None, eps: float = 1e-5) -> tuple[Tensor, Tensor]:
-    out, stats = get_kernel(backend, "reconcile")(main, aux, weights, bias, activation, batch_norm, bn_weight,
-                                                  bn_bias, eps)
+               activation: str, batch_norm: bool, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
+               eps: float, backend: str) -> tuple[Tensor, Tensor]:
+    out, stats = run(backend, "reconcile", main, aux, weights, bias, activation, batch_norm, bn_weight, bn_bias,
+                     eps)
     return out, stats
 
 
@@ -40,27 +41,25 @@ def _out_like(main, aux, weights):
 
 
 @_reconcile.register_fake
-def _(main, aux, weights, bias, activation, backend, batch_norm=False, bn_weight=None, bn_bias=None,
-      eps=1e-5):
+def _(main, aux, weights, bias, activation, batch_norm, bn_weight, bn_bias, eps, backend):
     out = _out_like(main, aux, weights)
     C = out.shape[-1]
     return out, out.new_empty(len(aux) if batch_norm else 0, 3, C, dtype=acc_dtype(out.dtype))
 
 
-@torch.library.custom_op("moe_kernels::reconcile_backward", mutates_args=())
+@custom_op("reconcile_backward", mutates_args=())
 def _reconcile_backward(grad_out: Tensor, aux: list[Tensor], weights: list[Tensor], bias: list[Tensor],
-                        activation: str, backend: str, batch_norm: bool = False,
-                        bn_weight: Optional[Tensor] = None, bn_bias: Optional[Tensor] = None,
-                        stats: Optional[Tensor] = None
+                        activation: str, batch_norm: bool, bn_weight: Optional[Tensor],
+                        bn_bias: Optional[Tensor], stats: Optional[Tensor], backend: str
                         ) -> tuple[list[Tensor], list[Tensor], Tensor, Tensor]:
-    gws, gbs, ggamma, gbeta = get_kernel(backend, "reconcile_backward")(
-        grad_out, aux, weights, bias, activation, batch_norm, bn_weight, bn_bias, stats)
-    return list(gws), list(gbs), ggamma, gbeta
+    gws, gbs, ggamma, gbeta = run(backend, "reconcile_backward", grad_out, aux, weights, bias, activation,
+                                  batch_norm, bn_weight, bn_bias, stats)
+    return (list(gws), list(gbs), ggamma if ggamma is not None else grad_out.new_empty(0),
+            gbeta if gbeta is not None else grad_out.new_empty(0))
 
 
 @_reconcile_backward.register_fake
-def _(grad_out, aux, weights, bias, activation, backend, batch_norm=False, bn_weight=None, bn_bias=None,
-      stats=None):
+def _(grad_out, aux, weights, bias, activation, batch_norm, bn_weight, bn_bias, stats, backend):
     L, C = len(aux), grad_out.shape[-1]
     gg = grad_out.new_empty(L, C, dtype=bn_weight.dtype) if batch_norm and bn_weight is not None \
         else grad_out.new_empty(0)
@@ -69,8 +68,8 @@ def _(grad_out, aux, weights, bias, activation, backend, batch_norm=False, bn_we
     return [torch.empty_like(w) for w in weights], [torch.empty_like(b) for b in bias], gg, gb
 
 
-def _rec_setup(ctx, inputs, output):
-    main, aux, weights, bias, activation, backend, batch_norm, bn_weight, bn_bias, _eps = inputs
+def _reconcile_setup(ctx, inputs, output):
+    main, aux, weights, bias, activation, batch_norm, bn_weight, bn_bias, _eps, backend = inputs
     _, stats = output
     ctx.mark_non_differentiable(stats)
     # Saved: the aux inputs (the weight gradient needs them; they are alive anyway as other branches'
@@ -82,23 +81,20 @@ def _rec_setup(ctx, inputs, output):
     ctx.has_main = main is not None
 
 
-def _rec_bwd(ctx, grad, _grad_stats):
+def _reconcile_autograd(ctx, grad, _grad_stats):
     n, nb = ctx.sizes
     saved = ctx.saved_tensors
     aux, weights, bias = list(saved[:n]), list(saved[n:2 * n]), list(saved[2 * n:2 * n + nb])
     bn_weight, bn_bias, stats = saved[2 * n + nb:]
     activation, backend, batch_norm = ctx.opts
-    gws, gbs, ggamma, gbeta = _reconcile_backward(grad.contiguous(), aux, weights, bias, activation, backend,
-                                                  batch_norm, bn_weight, bn_bias, stats)
+    gws, gbs, ggamma, gbeta = _reconcile_backward(grad.contiguous(), aux, weights, bias, activation, batch_norm,
+                                                  bn_weight, bn_bias, stats, backend)
     # main gets the incoming gradient unchanged; the aux inputs get none (stop-gradient)
-    grads = ((grad if ctx.has_main else None), [None] * n, list(gws), list(gbs), None, None, None,
-             (ggamma if bn_weight is not None else None), (gbeta if bn_bias is not None else None), None)
-    # The dispatcher drops trailing arguments equal to their defaults before autograd sees the call
-    # (a plain call passes 6 of the 10): answer for the arguments it was given.
-    return grads[:len(ctx.needs_input_grad)]
+    return ((grad if ctx.has_main else None), [None] * n, list(gws), list(gbs), None, None,
+            (ggamma if bn_weight is not None else None), (gbeta if bn_bias is not None else None), None, None)
 
 
-_reconcile.register_autograd(_rec_bwd, setup_context=_rec_setup)
+_reconcile.register_autograd(_reconcile_autograd, setup_context=_reconcile_setup)
 
 
 PerLink = Union[Tensor, Sequence[Tensor], None]
@@ -238,7 +234,8 @@ def reconcile(main: Optional[Tensor], aux: Sequence[Tensor], weights: Sequence[T
         name = resolve(op, ref.device, backend)
         # stop-gradient on the aux inputs is part of the op's contract: detach here so autograd never
         # tracks them, whatever the backend.
-        return _reconcile(main, [a.detach() for a in aux], weights, bias or [], act, name)[0]
+        return _reconcile(main, [a.detach() for a in aux], weights, bias or [], act, False, None, None, 1e-5,
+                          name)[0]
 
     check(isinstance(training, bool), op, "training", f"must be a bool, got {type(training).__name__}")
     check(isinstance(eps, numbers.Real) and not isinstance(eps, bool) and eps > 0, op, "eps",
@@ -268,7 +265,7 @@ def reconcile(main: Optional[Tensor], aux: Sequence[Tensor], weights: Sequence[T
         check(has_stats, op, "running_mean", "is needed with training=False (the running statistics "
                                              "are folded into the link weights)")
         if L == 0:
-            return _reconcile(main, aux, weights, bias or [], act, name)[0]
+            return _reconcile(main, aux, weights, bias or [], act, False, None, None, 1e-5, name)[0]
         if rm is None:
             rm, rv = torch.stack(rm_list), torch.stack(rv_list)
         # s = gamma / sqrt(var + eps); W' = W * s; b' = (b - mean) * s + beta, in the accumulation dtype
@@ -284,7 +281,7 @@ def reconcile(main: Optional[Tensor], aux: Sequence[Tensor], weights: Sequence[T
             if beta is not None:
                 b = b + beta[i].to(adt)
             bs.append(b.to(ref.dtype))
-        return _reconcile(main, aux, ws, bs, act, name)[0]
+        return _reconcile(main, aux, ws, bs, act, False, None, None, 1e-5, name)[0]
 
     n = 1
     for d in lead:
@@ -293,7 +290,7 @@ def reconcile(main: Optional[Tensor], aux: Sequence[Tensor], weights: Sequence[T
         fail(op, ref_name, f"has {n} value(s) per channel (leading dims {lead}): batch_norm in training "
                            "mode needs more than 1 value per channel, as torch.nn.BatchNorm2d does "
                            "('Expected more than 1 value per channel when training')")
-    out, stats = _reconcile(main, aux, weights, bias or [], act, name, True, gamma, beta, float(eps))
+    out, stats = _reconcile(main, aux, weights, bias or [], act, True, gamma, beta, float(eps), name)
     if has_stats and L:
         # torch.nn.BatchNorm2d's update: momentum * batch + (1 - momentum) * running, the variance
         # unbiased; in place on the caller's buffers (one [L, C] update when given stacked)

@@ -8,12 +8,13 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from .._validation import (FLOAT_DTYPES, INT_DTYPES, check, check_choice, check_finite,
-                           check_index_range, check_int, check_same_device, check_tensor, fail)
-from ..backends import get_kernel, resolve
-from ..reference._util import acc_dtype
-from ..reference.routing import plan_num_rows, resolve_capacity
+from .._validation import (FLOAT_DTYPES, INT_DTYPES, check, check_choice, check_int, check_same_device,
+                           check_tensor, fail)
+from ..backends import resolve
+from ..backends.reference._util import acc_dtype
+from ..backends.reference.routing import plan_num_rows, resolve_capacity
 from ..types import Routing
+from ._runner import custom_op, run
 
 SCORES = ("softmax", "sigmoid")
 DROP_POLICIES = ("position", "score")
@@ -24,13 +25,10 @@ _ROUTE_OUT = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
 
 # ---------------------------------------------------------------- route
 
-@torch.library.custom_op("moe_kernels::route", mutates_args=())
+@custom_op("route", mutates_args=())
 def _route(logits: Tensor, k: int, score: str, renormalize: bool, capacity: int, drop_policy: str,
            pad_to: int, num_rows: int, backend: str) -> _ROUTE_OUT:
-    kernel = get_kernel(backend, "route")
-    if not getattr(kernel, "checks_finite", False):
-        check_finite(logits, "route", "logits")
-    return tuple(kernel(logits, k, score, renormalize, capacity, drop_policy, pad_to, num_rows))
+    return tuple(run(backend, "route", logits, k, score, renormalize, capacity, drop_policy, pad_to, num_rows))
 
 
 def _route_shapes(like: Tensor, T, k, E, num_rows):
@@ -46,10 +44,10 @@ def _(logits, k, score, renormalize, capacity, drop_policy, pad_to, num_rows, ba
     return _route_shapes(logits, T, k, E, num_rows)
 
 
-@torch.library.custom_op("moe_kernels::route_backward", mutates_args=())
+@custom_op("route_backward", mutates_args=())
 def _route_backward(grad_weights: Tensor, logits: Tensor, topk_ids: Tensor, score: str,
                     renormalize: bool, backend: str) -> Tensor:
-    return get_kernel(backend, "route_backward")(grad_weights, logits, topk_ids, score, renormalize)
+    return run(backend, "route_backward", grad_weights, logits, topk_ids, score, renormalize)
 
 
 @_route_backward.register_fake
@@ -77,23 +75,13 @@ _route.register_autograd(_route_bwd, setup_context=_route_setup)
 
 # ---------------------------------------------------------------- task_route
 
-@torch.library.custom_op("moe_kernels::task_route", mutates_args=())
+@custom_op("task_route", mutates_args=())
 def _task_route(x: Tensor, router_weight: Tensor, task_ids: Optional[Tensor], batch_task: int, k: int,
                 score: str, renormalize: bool, capacity: int, drop_policy: str, pad_to: int,
                 num_rows: int, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
                                                       Tensor, Tensor]:
-    M = router_weight.shape[0]
-    if task_ids is not None:
-        check_index_range(task_ids, M, "task_route", "task_ids")
-    kernel = get_kernel(backend, "task_route")
-    checked = getattr(kernel, "checks_finite", False)  # a kernel that checks while it reads
-    if not checked:
-        check_finite(x, "task_route", "x")
-    out = kernel(x, router_weight, task_ids, batch_task, k, score, renormalize, capacity, drop_policy,
-                 pad_to, num_rows)
-    if not checked:
-        check_finite(out[0], "task_route", "router_weight (the router logits x @ router_weight)")
-    return tuple(out)
+    return tuple(run(backend, "task_route", x, router_weight, task_ids, batch_task, k, score, renormalize,
+                     capacity, drop_policy, pad_to, num_rows))
 
 
 @_task_route.register_fake
@@ -103,14 +91,13 @@ def _(x, router_weight, task_ids, batch_task, k, score, renormalize, capacity, d
     return (x.new_empty(T, E),) + _route_shapes(x, T, k, E, num_rows)
 
 
-@torch.library.custom_op("moe_kernels::task_route_backward", mutates_args=())
+@custom_op("task_route_backward", mutates_args=())
 def _task_route_backward(grad_logits: Optional[Tensor], grad_weights: Optional[Tensor], x: Tensor,
                          router_weight: Tensor, task_ids: Optional[Tensor], batch_task: int,
                          logits: Tensor, topk_ids: Tensor, score: str, renormalize: bool,
                          backend: str) -> tuple[Tensor, Tensor]:
-    gx, gw = get_kernel(backend, "task_route_backward")(grad_logits, grad_weights, x, router_weight,
-                                                        task_ids, batch_task, logits, topk_ids, score,
-                                                        renormalize)
+    gx, gw = run(backend, "task_route_backward", grad_logits, grad_weights, x, router_weight, task_ids,
+                 batch_task, logits, topk_ids, score, renormalize)
     return gx, gw
 
 

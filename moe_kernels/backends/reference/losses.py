@@ -5,12 +5,12 @@ load balancing (Switch Transformer form, generalised to top-k):
     P_e = mean_t q_te with q = softmax(logits) (``score="softmax"``) or sigmoid(logits) normalised
     per token (``score="sigmoid"``). L = 1 for perfectly uniform routing; T = 0 gives 0.
 router z-loss:   L = mean_t logsumexp(logits_t)^2; T = 0 gives 0.
-mutual information, batch form (Mod-Squad; Eq. 3 of MTHL, 004_...):
+mutual information, batch form (Mod-Squad, arXiv:2212.08066; Eq. 3 of MTHL, arXiv:2306.17165):
     P(E_j|D_i) = sum_{t in D_i} p_tj / sum_{t in D_i} sum_j' p_tj'   (tasks absent from the batch: 0)
     P(D_i) = 1/M,  P(D_i,E_j) = P(E_j|D_i)/M,  P(E_j) = sum_i P(D_i,E_j)
     L = -sum_ij P(D_i,E_j) log P(D_i,E_j) + sum_i P(D_i) log P(D_i) + sum_j P(E_j) log P(E_j)
       (= -I(D;E) when every task is present; minimising it maximises the mutual information)
-mutual information, EMA-buffer form (Eq. 5 of 004_...), buffer B(D,E) given (already updated):
+mutual information, EMA-buffer form (Eq. 5 of MTHL), buffer B(D,E) given (already updated):
     L = -sum_ij [1 + log B_ij] P(D_i,E_j) + sum_j [1 + log sum_i B_ij] P(E_j)
 Inside logarithms values are clamped to MI_EPS so that experts no token chose (exact zeros, e.g.
 sparse top-k gates) give finite gradients; with values above MI_EPS the gradient of Eq. 5 equals
@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from ._util import acc_dtype, up
+from ._util import acc_dtype, bincount, up
 
 MI_EPS = 1e-9
 
@@ -36,22 +36,22 @@ def _scores(logits: torch.Tensor, score: str) -> torch.Tensor:
     return s / s.sum(-1, keepdim=True)
 
 
-def load_balancing_fwd(logits, topk_ids, score: str) -> torch.Tensor:
+def load_balancing_loss(logits, topk_ids, score: str) -> torch.Tensor:
     T, E = logits.shape
     if T == 0:
         return torch.zeros((), dtype=acc_dtype(logits.dtype), device=logits.device)
     k = topk_ids.shape[1]
-    f = torch.bincount(topk_ids.reshape(-1).long(), minlength=E).to(acc_dtype(logits.dtype)) / (T * k)
+    f = bincount(topk_ids.reshape(-1), E).to(acc_dtype(logits.dtype)) / (T * k)
     p = _scores(logits, score).mean(0)
     return E * (f * p).sum()
 
 
-def load_balancing_bwd(grad, logits, topk_ids, score: str) -> torch.Tensor:
+def load_balancing_loss_backward(grad, logits, topk_ids, score: str) -> torch.Tensor:
     T, E = logits.shape
     if T == 0:
         return torch.zeros_like(logits)
     k = topk_ids.shape[1]
-    f = torch.bincount(topk_ids.reshape(-1).long(), minlength=E).to(acc_dtype(logits.dtype)) / (T * k)
+    f = bincount(topk_ids.reshape(-1), E).to(acc_dtype(logits.dtype)) / (T * k)
     gq = (up(grad) * E / T) * f.expand(T, E)  # dL/dq_te
     lf = up(logits)
     if score == "softmax":
@@ -66,13 +66,13 @@ def load_balancing_bwd(grad, logits, topk_ids, score: str) -> torch.Tensor:
     return gl.to(logits.dtype)
 
 
-def z_loss_fwd(logits) -> torch.Tensor:
+def z_loss(logits) -> torch.Tensor:
     if logits.shape[0] == 0:
         return torch.zeros((), dtype=acc_dtype(logits.dtype), device=logits.device)
     return torch.logsumexp(up(logits), -1).square().mean()
 
 
-def z_loss_bwd(grad, logits) -> torch.Tensor:
+def z_loss_backward(grad, logits) -> torch.Tensor:
     T = logits.shape[0]
     if T == 0:
         return torch.zeros_like(logits)
@@ -94,7 +94,7 @@ def _task_sums(probs, task_ids, num_tasks):
 def task_joint(probs, task_ids, num_tasks):
     """P(D_i, E_j) for the tasks present (rows of absent tasks are 0) and the present mask."""
     S, Z = _task_sums(probs, task_ids, num_tasks)
-    present = Z.squeeze(1) > 0
+    present = Z.squeeze(1) != 0  # absent tasks sum to exactly 0; a NaN sum stays present (and NaN)
     Q = torch.where(present[:, None], S / Z.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
     return Q / num_tasks, present
 
@@ -106,18 +106,18 @@ def _joint_grad_to_probs(gJ, probs, task_ids, num_tasks):
     Q = S / Zc
     gQ = gJ / num_tasks
     gS = (gQ - (gQ * Q).sum(1, keepdim=True)) / Zc
-    gS = torch.where(Z > 0, gS, 0.0)
+    gS = torch.where(Z != 0, gS, 0.0)
     return gS[task_ids.long()].to(probs.dtype)
 
 
-def mi_batch_fwd(probs, task_ids, num_tasks: int) -> torch.Tensor:
+def mutual_information_loss(probs, task_ids, num_tasks: int) -> torch.Tensor:
     J, _ = task_joint(probs, task_ids, num_tasks)
     PE = J.sum(0)
     return (-(J * J.clamp_min(MI_EPS).log()).sum() + (PE * PE.clamp_min(MI_EPS).log()).sum()
             - math.log(num_tasks))
 
 
-def mi_batch_bwd(grad, probs, task_ids, num_tasks: int) -> torch.Tensor:
+def mutual_information_loss_backward(grad, probs, task_ids, num_tasks: int) -> torch.Tensor:
     J, _ = task_joint(probs, task_ids, num_tasks)
     PE = J.sum(0, keepdim=True)
     # d/dx [x log max(x, eps)] = 1 + log x above eps, log eps below
@@ -132,19 +132,19 @@ def _ema_coeffs(buffer):
     return 1.0 + B.log(), 1.0 + up(buffer).sum(0, keepdim=True).clamp_min(MI_EPS).log()
 
 
-def mi_ema_fwd(probs, task_ids, buffer, num_tasks: int) -> torch.Tensor:
+def mutual_information_loss_ema(probs, task_ids, buffer, num_tasks: int) -> torch.Tensor:
     J, _ = task_joint(probs, task_ids, num_tasks)
     cB, cE = _ema_coeffs(buffer)
     return -(cB * J).sum() + (cE * J.sum(0, keepdim=True)).sum()
 
 
-def mi_ema_bwd(grad, probs, task_ids, buffer, num_tasks: int) -> torch.Tensor:
+def mutual_information_loss_ema_backward(grad, probs, task_ids, buffer, num_tasks: int) -> torch.Tensor:
     cB, cE = _ema_coeffs(buffer)
     gJ = up(grad) * (-cB + cE)
     return _joint_grad_to_probs(gJ, probs, task_ids, num_tasks)
 
 
-def mi_ema_update(buffer, probs, task_ids, num_tasks: int, momentum: float) -> None:
+def mutual_information_ema_update(buffer, probs, task_ids, num_tasks: int, momentum: float) -> None:
     """B(D_i, :) <- momentum * B(D_i, :) + (1 - momentum) * P(D_i, :) for the tasks present."""
     J, present = task_joint(probs.detach(), task_ids, num_tasks)
     new = momentum * buffer + (1.0 - momentum) * J.to(buffer.dtype)

@@ -24,7 +24,7 @@ from fractions import Fraction
 
 import torch
 
-from ._util import acc_dtype, up
+from ._util import acc_dtype, bincount, up
 
 _EPS_DENOM = torch.finfo(torch.float32).tiny
 
@@ -101,7 +101,7 @@ def build_plan(topk_ids: torch.Tensor, topk_scores: torch.Tensor, num_experts: i
     if capacity < 0:
         keep = torch.ones_like(expert, dtype=torch.bool)
     else:
-        all_counts = torch.bincount(expert, minlength=E)
+        all_counts = bincount(expert, E)
         if drop_policy == "position":
             order = torch.sort(expert, stable=True).indices  # token order inside each expert
         else:
@@ -111,7 +111,7 @@ def build_plan(topk_ids: torch.Tensor, topk_scores: torch.Tensor, num_experts: i
         keep = _rank_in_expert(expert, order, all_counts) < capacity
 
     key = torch.where(keep, expert, torch.full_like(expert, E))  # dropped go to a sentinel bucket E
-    buckets = torch.bincount(key, minlength=E + 1)
+    buckets = bincount(key, E + 1)
     counts = buckets[:E]
     padded = (counts + (pad_to - 1)) // pad_to * pad_to
     offsets = torch.zeros(E + 1, dtype=torch.int64, device=dev)
@@ -120,27 +120,36 @@ def build_plan(topk_ids: torch.Tensor, topk_scores: torch.Tensor, num_experts: i
     rank = _rank_in_expert(key, order, buckets)
     slot = torch.where(keep, offsets[key] + rank, torch.full_like(expert, -1))
 
-    sources = torch.full((num_rows,), -1, dtype=torch.int32, device=dev)
-    kept_slots = slot[keep]
-    sources[kept_slots] = token[keep].to(torch.int32)
+    # scatter the kept assignments' tokens to their rows; dropped ones write -1 to a spare row N
+    sources = torch.full((num_rows + 1,), -1, dtype=torch.int32, device=dev)
+    sources.scatter_(0, torch.where(keep, slot, num_rows), torch.where(keep, token, -1).to(torch.int32))
+    sources = sources[:num_rows]
     num_dropped = (~keep).sum()
     return (counts.to(torch.int32), offsets.to(torch.int32), slot.view(T, k).to(torch.int32),
             sources, num_dropped.to(torch.int64))
 
 
-def route_fwd(logits: torch.Tensor, k: int, score: str, renormalize: bool, capacity: int,
-              drop_policy: str, pad_to: int, num_rows: int):
-    _, top_ids = topk_stable(up(logits), k)
+def route(logits: torch.Tensor, k: int, score: str, renormalize: bool, capacity: int, drop_policy: str,
+          pad_to: int, num_rows: int):
+    lf = up(logits)
+    _, top_ids = topk_stable(lf, k)
     top_scores = compute_scores(logits, score).gather(1, top_ids)
     weights = top_scores
     if renormalize:
         weights = top_scores / top_scores.sum(-1, keepdim=True).clamp_min(_EPS_DENOM)
+    # A token with a non-finite logit (reachable only under the sync-free policy: the checking
+    # policy rejects it before this runs) goes to experts 0..k-1 with NaN weights and the lowest
+    # drop priority, so it is never routed silently (contract.NONFINITE_TOKEN).
+    bad = ~torch.isfinite(lf).all(1, keepdim=True)
+    top_ids = torch.where(bad, torch.arange(k, device=lf.device), top_ids)
+    weights = torch.where(bad, torch.nan, weights)
+    priority = torch.where(bad, -torch.inf, top_scores)
     counts, offsets, slots, sources, num_dropped = build_plan(
-        top_ids, top_scores, logits.shape[1], capacity, drop_policy, pad_to, num_rows)
+        top_ids, priority, logits.shape[1], capacity, drop_policy, pad_to, num_rows)
     return (weights, top_ids.to(torch.int32), counts, offsets, slots, sources, num_dropped)
 
 
-def route_bwd(grad_weights: torch.Tensor, logits: torch.Tensor, topk_ids: torch.Tensor,
+def route_backward(grad_weights: torch.Tensor, logits: torch.Tensor, topk_ids: torch.Tensor,
               score: str, renormalize: bool) -> torch.Tensor:
     """d loss / d logits from d loss / d topk_weights (fp32 math, result in logits.dtype)."""
     g = up(grad_weights)
@@ -186,18 +195,18 @@ def task_logits_bwd(grad_logits: torch.Tensor, x: torch.Tensor, router_weight: t
     return gx, gw
 
 
-def task_route_fwd(x, router_weight, task_ids, batch_task, k, score, renormalize, capacity,
+def task_route(x, router_weight, task_ids, batch_task, k, score, renormalize, capacity,
                    drop_policy, pad_to, num_rows):
     logits = task_logits(x, router_weight, task_ids, batch_task)
-    return (logits,) + tuple(route_fwd(logits, k, score, renormalize, capacity, drop_policy, pad_to,
+    return (logits,) + tuple(route(logits, k, score, renormalize, capacity, drop_policy, pad_to,
                                        num_rows))
 
 
-def task_route_bwd(grad_logits, grad_weights, x, router_weight, task_ids, batch_task, logits, topk_ids,
+def task_route_backward(grad_logits, grad_weights, x, router_weight, task_ids, batch_task, logits, topk_ids,
                    score, renormalize):
     g = torch.zeros(logits.shape, dtype=acc_dtype(logits.dtype), device=logits.device)
     if grad_logits is not None:
         g += grad_logits.to(g.dtype)
     if grad_weights is not None:
-        g += route_bwd(grad_weights, logits, topk_ids, score, renormalize).to(g.dtype)
+        g += route_backward(grad_weights, logits, topk_ids, score, renormalize).to(g.dtype)
     return task_logits_bwd(g, x, router_weight, task_ids, batch_task)

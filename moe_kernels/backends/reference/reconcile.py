@@ -74,7 +74,7 @@ def _bn_affine(i, zf, mean, invstd, bn_weight, bn_bias):
     return xhat, u
 
 
-def reconcile_fwd(main, aux, weights, bias, activation: str, batch_norm: bool = False, bn_weight=None,
+def reconcile(main, aux, weights, bias, activation: str, batch_norm: bool = False, bn_weight=None,
                   bn_bias=None, eps: float = 1e-5):
     """-> (out, stats): see the module docstring."""
     ref = main if main is not None else aux[0]
@@ -102,15 +102,15 @@ def reconcile_fwd(main, aux, weights, bias, activation: str, batch_norm: bool = 
     return acc.to(out_dtype).view(*lead, C), stats
 
 
-def reconcile_bwd(grad_out, aux, weights, bias, activation: str, batch_norm: bool = False,
+def reconcile_backward(grad_out, aux, weights, bias, activation: str, batch_norm: bool = False,
                   bn_weight=None, bn_bias=None, stats=None):
-    """-> (grad_weights, grad_bias, grad_bn_weight [L, C] or empty, grad_bn_bias [L, C] or empty)."""
+    """-> (grad_weights, grad_bias, grad_bn_weight [L, C] or None, grad_bn_bias [L, C] or None)."""
     g = _flat(grad_out)
     gws, gbs = [], []
     L, C = len(aux), g.shape[1]
     with_gamma, with_beta = batch_norm and bn_weight is not None, batch_norm and bn_bias is not None
-    ggamma = torch.empty(L, C, dtype=bn_weight.dtype, device=g.device) if with_gamma else g.new_empty(0)
-    gbeta = torch.empty(L, C, dtype=bn_bias.dtype, device=g.device) if with_beta else g.new_empty(0)
+    ggamma = torch.empty(L, C, dtype=bn_weight.dtype, device=g.device) if with_gamma else None
+    gbeta = torch.empty(L, C, dtype=bn_bias.dtype, device=g.device) if with_beta else None
     for i, (a, w) in enumerate(zip(aux, weights)):
         b = bias[i] if bias else None
         if not batch_norm:
@@ -130,8 +130,8 @@ def reconcile_bwd(grad_out, aux, weights, bias, activation: str, batch_norm: boo
         gws.append(_like(w, _flat(a).t() @ gz.to(w.dtype)))
         if b is not None:
             gbs.append(torch.zeros_like(b))  # the batch mean cancels a bias before the norm exactly
-        if ggamma.numel():
+        if ggamma is not None:
             ggamma[i] = sgx
-        if gbeta.numel():
+        if gbeta is not None:
             gbeta[i] = sg
     return gws, gbs, ggamma, gbeta

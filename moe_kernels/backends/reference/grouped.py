@@ -61,14 +61,14 @@ def act_bwd(z: torch.Tensor, grad_h: torch.Tensor, activation: str) -> torch.Ten
 
 # ---- grouped GEMM ----
 
-def grouped_gemm_fwd(x: torch.Tensor, offsets: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def grouped_gemm(x: torch.Tensor, offsets: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     out = torch.zeros(x.shape[0], w.shape[2], dtype=x.dtype, device=x.device)
     for e, lo, hi in segments(offsets):
         torch.matmul(x[lo:hi], w[e], out=out[lo:hi])
     return out
 
 
-def grouped_gemm_bwd(grad_out: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor, w: torch.Tensor,
+def grouped_gemm_backward(grad_out: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor, w: torch.Tensor,
                      need_x: bool, need_w: bool):
     gx = torch.zeros_like(x) if need_x else None
     gw = torch.zeros_like(w) if need_w else None
@@ -90,7 +90,7 @@ def _hidden(x_e, w1_e, b1_e):
     return z
 
 
-def grouped_mlp_fwd(x, offsets, w1, w2, b1, b2, activation: str):
+def grouped_mlp(x, offsets, w1, w2, b1, b2, activation: str):
     """-> (out [N, d_out], z [N, h1]: the pre-activation, kept for backward; zero past offsets[E])."""
     out = torch.zeros(x.shape[0], w2.shape[2], dtype=x.dtype, device=x.device)
     z = torch.zeros(x.shape[0], w1.shape[2], dtype=x.dtype, device=x.device)
@@ -104,7 +104,7 @@ def grouped_mlp_fwd(x, offsets, w1, w2, b1, b2, activation: str):
     return out, z
 
 
-def grouped_mlp_bwd(grad_out, x, z, offsets, w1, w2, b1, b2, activation: str):
+def grouped_mlp_backward(grad_out, x, z, offsets, w1, w2, b1, b2, activation: str):
     gx = torch.zeros_like(x)
     gw1, gw2 = torch.zeros_like(w1), torch.zeros_like(w2)
     gb1 = torch.zeros_like(b1) if b1 is not None else None
@@ -135,27 +135,27 @@ def _expert_outputs(z, offsets, w2, b2, activation):
     return y
 
 
-def moe_mlp_fwd(x, weights, slots, sources, offsets, w1, w2, b1, b2, activation: str):
+def moe_mlp(x, weights, slots, sources, offsets, w1, w2, b1, b2, activation: str):
     """-> (out [T, d_out], z [N, h1]): combine(grouped_mlp(dispatch(x))) and the pre-activation."""
-    from .permute import combine_fwd, dispatch_fwd
+    from .permute import combine, dispatch
 
-    y, z = grouped_mlp_fwd(dispatch_fwd(x, slots, sources), offsets, w1, w2, b1, b2, activation)
-    return combine_fwd(y, weights, slots), z
+    y, z = grouped_mlp(dispatch(x, slots, sources), offsets, w1, w2, b1, b2, activation)
+    return combine(y, weights, slots), z
 
 
-def moe_mlp_bwd(grad_out, x, z, weights, slots, sources, offsets, w1, w2, b1, b2, activation: str,
+def moe_mlp_backward(grad_out, x, z, weights, slots, sources, offsets, w1, w2, b1, b2, activation: str,
                 need_x: bool, need_weights: bool, need_params: bool):
     """The composition's backward; the dispatched rows and expert outputs are recomputed from x and z.
 
     -> (gx, g_weights, gw1, gw2, gb1, gb2), None where not needed or absent.
     """
-    from .permute import combine_bwd, dispatch_bwd, dispatch_fwd
+    from .permute import combine_backward, dispatch_backward, dispatch
 
     y = _expert_outputs(z, offsets, w2, b2, activation)
-    gy, gweights = combine_bwd(grad_out, y, weights, slots, True, need_weights)
-    gxe, gw1, gw2, gb1, gb2 = grouped_mlp_bwd(gy, dispatch_fwd(x, slots, sources), z, offsets, w1, w2, b1, b2,
+    gy, gweights = combine_backward(grad_out, y, weights, slots, True, need_weights)
+    gxe, gw1, gw2, gb1, gb2 = grouped_mlp_backward(gy, dispatch(x, slots, sources), z, offsets, w1, w2, b1, b2,
                                               activation)
-    gx = dispatch_bwd(gxe, slots) if need_x else None
+    gx = dispatch_backward(gxe, slots) if need_x else None
     if not need_params:
         gw1 = gw2 = gb1 = gb2 = None
     return gx, gweights, gw1, gw2, gb1, gb2

@@ -1,0 +1,1 @@
+"""cuda kernels for the load-balancing, z- and mutual-information losses (none yet: see the package docstring)."""

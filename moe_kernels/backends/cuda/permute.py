@@ -1,0 +1,1 @@
+"""cuda kernels for dispatch, combine and their backward (none yet: see the package docstring)."""

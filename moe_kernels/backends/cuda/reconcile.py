@@ -1,0 +1,1 @@
+"""cuda kernels for reconcile and its backward (none yet: see the package docstring)."""

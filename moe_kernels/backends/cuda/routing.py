@@ -1,0 +1,1 @@
+"""cuda kernels for route, task_route and their backward (none yet: see the package docstring)."""
