@@ -1,4 +1,5 @@
-"""Modular adaptation of models built from :class:`moe_kernels.nn.MoE` (MTHL, 004_... in the seeds:
+"""Modular adaptation of models built from :class:`moe_kernels.nn.MoE` (MTHL, "An Efficient General-Purpose
+Modular Vision Model via Multi-Task Heterogeneous Training", arXiv:2306.17165:
 "efficient modular adaptation" and continual learning).
 
 Every function acts on all the ``mk.nn.MoE`` layers inside a model (``model.modules()``) and returns
@@ -147,6 +148,12 @@ def _layers(model, op) -> dict[str, MoE]:
     check(isinstance(model, nn.Module), op, "model", f"must be an nn.Module, got {type(model).__name__}")
     layers = moe_layers(model)
     check(bool(layers), op, "model", "contains no moe_kernels.nn.MoE layer")
+    for name, layer in layers.items():
+        check(layer.executor.local, op, "model",
+              f"has the layer '{name}' ({type(layer).__name__}) whose experts run with "
+              f"{layer.executor!r}, not all on this process; adaptation restructures every expert of a "
+              "layer: apply it to a single-process moe_kernels.nn.MoE (e.g. built from "
+              "ExpertParallelMoE.gather_experts()), then split the experts again")
     return layers
 
 

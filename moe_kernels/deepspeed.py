@@ -63,13 +63,14 @@ except ImportError as exc:  # pragma: no cover - exercised only without DeepSpee
     raise ImportError("moe_kernels.deepspeed needs DeepSpeed (pip install deepspeed); "
                       f"importing it failed: {exc}") from exc
 
+from .backends.reference.routing import resolve_capacity
 from .distributed.comm import all_reduce_max_int
 from .distributed.expert_parallel import mark_expert_parameter, run_experts
+from .nn.moe import ExpertExecutor, MoE as _LayerBase
 from .ops.grouped import grouped_mlp
-from .ops.losses import load_balancing_loss
 from .ops.permute import combine, dispatch
 from .ops.routing import route
-from .reference.routing import resolve_capacity
+from .types import Routing
 
 _ACTIVATIONS = ((nn.GELU, "gelu"), (nn.ReLU, "relu"), (nn.SiLU, "silu"))
 _NOISY = (None, "None", "Jitter", "RSample")
@@ -161,19 +162,63 @@ class _Experts(nn.Module):
         return per_expert
 
 
-class _MoELayer(nn.Module):
-    """The part DeepSpeed calls ``deepspeed_moe``: gate + experts + the exchange; keeps ``l_aux`` and
-    ``exp_counts`` of the last call as attributes, as DeepSpeed's ``MOELayer`` does."""
+class DeepSpeedExperts(ExpertExecutor):
+    """The executor of the DeepSpeed drop-in: DeepSpeed's expert modules (``deepspeed_experts``, one
+    grouped MLP when they are MLPs of one shape, else one call per expert) and DeepSpeed's
+    expert-parallel group (set by the engine through ``set_deepspeed_parallelism``)."""
+
+    name = "deepspeed"
+    local = False
+
+    def forward(self, layer, x, routing, weights):
+        fn = layer.experts.expert_fn(layer.backend)
+        if layer.ep_size > 1:
+            if layer.ep_group is None:
+                fail(layer._op_name, "ep_size",
+                     f"is {layer.ep_size} but no expert-parallel group is set: run the model through "
+                     "deepspeed.initialize (or call layer.set_deepspeed_parallelism() after "
+                     "deepspeed.init_distributed())")
+            return run_experts(x, routing, fn, group=layer.ep_group, weights=weights, backend=layer.backend)
+        xe = dispatch(x, routing, backend=layer.backend)
+        return combine(fn(xe, routing.offsets), routing, weights=weights, backend=layer.backend)
+
+
+class _MoELayer(_LayerBase):
+    """The part DeepSpeed calls ``deepspeed_moe``: the library's MoE layer configured as DeepSpeed's
+    ``MOELayer``. Its router is the gate's ``wg`` Linear (fp32 logits), its gating follows
+    DeepSpeed's rules (:meth:`_plan`, :meth:`_gate_weights`; the load-balancing loss counts first
+    choices only for top-2), and its experts run with :class:`DeepSpeedExperts`. Keeps ``l_aux``
+    and ``exp_counts`` of the last call as attributes, as DeepSpeed's ``MOELayer`` does."""
+
+    _op_name = "deepspeed.MoE"
+    _input_name = "hidden_states"
+    returns_moe_output = False  # DeepSpeed's MOELayer returns the output tensor
 
     def __init__(self, gate: _Gate, experts: _Experts, ep_group_name: str, ep_size: int,
                  num_local_experts: int, backend: Optional[str] = None):
-        super().__init__()
-        self.gate, self.experts = gate, experts
+        self._pending_modules = (gate, experts)  # taken over by _create_parameters
+        super().__init__(gate.wg.in_features, 1, gate.wg.out_features, gate.k, load_balancing_coef=1.0,
+                         z_loss_coef=0.0, mi_coef=0.0, router_dtype=torch.float32, backend=backend,
+                         executor=DeepSpeedExperts())
+        self.load_balancing_choices = 1 if gate.k == 2 else None
         self.ep_group = None
         self.ep_group_name, self.ep_size, self.num_local_experts = ep_group_name, ep_size, num_local_experts
-        self.backend = backend
         self.l_aux: Optional[Tensor] = None
         self.exp_counts: Optional[Tensor] = None
+
+    def _create_parameters(self, hidden, activation, bias, out_dim, *, device, dtype) -> None:
+        self.gate, self.experts = self._pending_modules
+        del self._pending_modules
+        self.hidden = self.out_dim = self.activation = None  # the expert modules decide
+
+    def reset_parameters(self) -> None:
+        """Nothing: the gate and the experts are DeepSpeed's modules, initialised as DeepSpeed does."""
+
+    def router_weights(self) -> Tensor:
+        return self.gate.wg.weight.t().unsqueeze(0)
+
+    def expert_parameters(self) -> list:
+        return list(self.experts.parameters())
 
     def _set_ep_group(self, ep_group) -> None:
         self.ep_group = ep_group
@@ -184,8 +229,16 @@ class _MoELayer(nn.Module):
         state["l_aux"] = state["exp_counts"] = None
         return state
 
-    def _route(self, logits: Tensor):
-        """DeepSpeed's gating semantics on the library's routing: (routing, weights, l_aux, exp_counts)."""
+    def _router_input(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        if self.gate.noisy_gate_policy == "Jitter" and self.training:
+            xf = xf * torch.empty_like(xf).uniform_(1.0 - 1e-2, 1.0 + 1e-2)
+        return xf
+
+    def _plan(self, logits: Tensor, opts: dict) -> Routing:
+        """DeepSpeed's gating on the library's routing. The returned routing's ``topk_weights`` are
+        the raw softmax probabilities of the chosen experts and its ``logits`` the clean logits (the
+        load-balancing loss uses those), also when noise chose the experts."""
         g = self.gate
         T, E = logits.shape
         k = g.k
@@ -212,48 +265,28 @@ class _MoELayer(nn.Module):
                         capacity=None if choice_major else capacity, drop_policy=policy, backend=self.backend)
         if choice_major:
             routing = _choice_major_capacity(routing, capacity, self.backend)
-        if select is None:
-            raw = routing.topk_weights
-        else:
-            raw = torch.softmax(logits, 1).gather(1, routing.topk_ids.long())
-        keep = (routing.slots >= 0).to(raw.dtype)
-        kept = raw * keep
-        if k == 1:
-            weights = kept
-        else:
-            weights = kept / kept.sum(1, keepdim=True).clamp_min(torch.finfo(kept.dtype).eps)
-        if T == 0:
-            l_aux = logits.sum() * 0.0
-        else:
-            lb_routing = routing if k != 2 else routing._replace(
-                topk_ids=routing.topk_ids[:, :1].contiguous(), topk_weights=routing.topk_weights[:, :1])
-            l_aux = load_balancing_loss(logits, lb_routing, backend=self.backend)
-        exp_counts = torch.bincount(routing.topk_ids.reshape(-1).long(), minlength=E).detach()
-        return routing, weights, l_aux, exp_counts
+        raw = routing.topk_weights if select is None else torch.softmax(logits, 1).gather(1, routing.topk_ids.long())
+        return routing._replace(topk_weights=raw, logits=logits)
+
+    def _gate_weights(self, routing: Routing) -> Tensor:
+        """Top-1: the raw probability of kept routes; top-k: renormalised over the routes that
+        survived the capacity (DeepSpeed's definitions)."""
+        raw = routing.topk_weights
+        kept = raw * (routing.slots >= 0).to(raw.dtype)
+        if routing.k == 1:
+            return kept
+        return kept / kept.sum(1, keepdim=True).clamp_min(torch.finfo(kept.dtype).eps)
 
     def forward(self, hidden_states: Tensor, used_token: Optional[Tensor] = None) -> Tensor:
-        op = "deepspeed.MoE"
         if used_token is not None:
-            fail(op, "used_token", "is not supported by moe_kernels.deepspeed.MoE (pass None)")
-        check(isinstance(hidden_states, Tensor) and hidden_states.dim() >= 1, op, "hidden_states",
-              "must be a tensor [..., hidden_size]")
-        d = hidden_states.shape[-1]
-        check(d == self.gate.wg.in_features, op, "hidden_states",
-              f"must end in hidden_size={self.gate.wg.in_features}, got shape {tuple(hidden_states.shape)}")
-        x = hidden_states.reshape(-1, d).contiguous()
-        logits = self.gate(x)
-        routing, weights, self.l_aux, self.exp_counts = self._route(logits)
-        fn = self.experts.expert_fn(self.backend)
-        if self.ep_size > 1:
-            if self.ep_group is None:
-                fail(op, "ep_size", f"is {self.ep_size} but no expert-parallel group is set: run the model "
-                                    "through deepspeed.initialize (or call layer.set_deepspeed_parallelism() "
-                                    "after deepspeed.init_distributed())")
-            y = run_experts(x, routing, fn, group=self.ep_group, weights=weights, backend=self.backend)
-        else:
-            xe = dispatch(x, routing, backend=self.backend)
-            y = combine(fn(xe, routing.offsets), routing, weights=weights, backend=self.backend)
-        return y.to(hidden_states.dtype).reshape(hidden_states.shape[:-1] + (y.shape[-1],))
+            fail(self._op_name, "used_token", "is not supported by moe_kernels.deepspeed.MoE (pass None)")
+        out = super().forward(hidden_states)
+        self.l_aux = out.losses["load_balancing"]
+        self.exp_counts = torch.bincount(out.routing.topk_ids.reshape(-1).long(), minlength=self.num_experts).detach()
+        return out.output.to(hidden_states.dtype)
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, k={self.k}, ep_size={self.ep_size}, executor={self.executor!r}"
 
 
 def _choice_major_capacity(routing, capacity: int, backend: Optional[str]):
@@ -503,4 +536,4 @@ def _signature_matches_deepspeed() -> bool:
     return ours == theirs
 
 
-__all__ = ["MoE", "convert_deepspeed_moe", "mlp_expert_activation", "param_groups"]
+__all__ = ["DeepSpeedExperts", "MoE", "convert_deepspeed_moe", "mlp_expert_activation", "param_groups"]

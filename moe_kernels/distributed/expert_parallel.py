@@ -30,13 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._validation import check, check_choice, check_int, check_tensor, fail
+from .._validation import check, check_int, check_tensor
+from ..backends.reference.routing import resolve_capacity
+from ..nn.moe import ExpertExecutor, MoE
 from ..ops.grouped import _check_mlp, grouped_mlp
-from ..ops.losses import load_balancing_loss, z_loss
 from ..ops.permute import combine, dispatch
-from ..ops.routing import _check_options, route, task_route
-from ..reference.grouped import ACTIVATIONS
-from ..reference.routing import resolve_capacity
 from ..types import Routing
 from .comm import all_reduce_max_int, all_to_all, exchange_counts, group_rank, group_size, require_initialized
 
@@ -250,24 +248,71 @@ def is_expert_parameter(p: Tensor) -> bool:
     return getattr(p, "allreduce", True) is False
 
 
-class ExpertParallelMoE(nn.Module):
-    """An MoE MLP layer whose experts are split over an expert-parallel group (plain torch.distributed).
+class AllToAllExperts(ExpertExecutor):
+    """The executor of :class:`ExpertParallelMoE`: the layer's experts split over an expert-parallel
+    group, tokens exchanged with an all-to-all (:func:`expert_parallel_mlp`).
+
+    Rank r of W holds experts ``[r*E/W, (r+1)*E/W)``; the layer's ``w1``, ``w2``, ``b1``, ``b2`` are
+    this rank's slice, marked as expert parameters (:func:`mark_expert_parameter`). Dropless routing
+    uses variable splits; with a capacity factor every rank computes its capacity from its own token
+    count and the group takes the maximum (one all-reduce of one int), so ranks agree.
+    """
+
+    name = "all-to-all"
+    local = False
+
+    def __init__(self, group=None, group_name: Optional[str] = None):
+        self.group = group
+        self.ep_size = group_size(group)
+        self.group_name = group_name or f"ep_size_{self.ep_size}"
+
+    def num_local_experts(self, num_experts: int) -> int:
+        check(num_experts % self.ep_size == 0, "distributed.ExpertParallelMoE", "num_experts",
+              f"must be divisible by the expert-parallel group size {self.ep_size}, got {num_experts}")
+        return num_experts // self.ep_size
+
+    def setup(self, layer) -> None:
+        op = "distributed.ExpertParallelMoE"
+        check(layer.route_options["pad_to"] == 1, op, "pad_to", "must be 1: expert parallelism does not pad segments")
+        check(not layer._restricted, op, "visible_experts",
+              "must be None: every task sees every expert under expert parallelism")
+        for p in layer.expert_parameters():
+            mark_expert_parameter(p, self.group_name)
+
+    def capacity(self, layer, num_tokens: int, device) -> Optional[int]:
+        o = layer.route_options
+        if o["capacity"] is not None or o["capacity_factor"] is None:
+            return None  # dropless, or an explicit capacity every rank shares
+        c = resolve_capacity(num_tokens, layer.k, layer.num_experts, None, o["capacity_factor"], o["min_capacity"])
+        return max(1, all_reduce_max_int(c, device if device.type == "cuda" else torch.device("cpu"), self.group))
+
+    def forward(self, layer, x, routing, weights):
+        w1, w2, b1, b2 = layer.expert_weights()
+        return expert_parallel_mlp(x, routing, w1, w2, layer.activation, b1, b2, group=self.group,
+                                   weights=None if weights is routing.topk_weights else weights,
+                                   backend=layer.backend)
+
+    def __repr__(self) -> str:
+        return f"AllToAllExperts(ep_size={self.ep_size}, group_name={self.group_name!r})"
+
+
+class ExpertParallelMoE(MoE):
+    """:class:`moe_kernels.nn.MoE` with its experts split over an expert-parallel group (plain
+    torch.distributed): the one MoE layer with the :class:`AllToAllExperts` executor.
 
     Parameters: ``router_weight [M, d, E]`` (replicated: reduce it over the data-parallel group) and
     this rank's experts ``w1 [E/W, d, h]``, ``w2 [E/W, h, d_out]``, ``b1``, ``b2`` (marked with
     :func:`mark_expert_parameter`: reduce them over the expert-data-parallel group only).
-    The layout and options follow :class:`moe_kernels.nn.MoE`; :meth:`from_moe` takes the local slice of
-    a full single-process layer, :meth:`gather_experts` reassembles it.
+    Options and outputs are those of :class:`moe_kernels.nn.MoE` (routing, per-task routers, the
+    auxiliary losses, over this rank's tokens), except ``pad_to`` and ``visible_experts``, which
+    expert parallelism does not take. :meth:`from_moe` takes the local slice of a full
+    single-process layer, :meth:`gather_experts` reassembles it.
 
     Args:
-        dim, hidden, num_experts, k, num_tasks, activation, bias, out_dim: as in ``mk.nn.MoE``.
+        dim, hidden, num_experts, k, ...: as in ``mk.nn.MoE``; dropless by default (variable
+            all-to-all splits). With ``capacity_factor`` every rank computes its capacity from its
+            own token count and the group takes the maximum.
         group: the expert-parallel group (default: the global group).
-        capacity / capacity_factor / min_capacity / drop_policy / score / renormalize: routing options
-            of :func:`moe_kernels.route`. Dropless by default (variable all-to-all splits). With
-            ``capacity_factor`` every rank computes its capacity from its own token count and the group
-            takes the maximum (one all-reduce of one int), so ranks with different token counts agree.
-        load_balancing_coef, z_loss_coef: weights of the auxiliary losses (computed on local tokens).
-        router_dtype: dtype of the router product (fp32 by default).
         group_name: the name written on the expert parameters (``p.group_name``).
 
     Example:
@@ -277,63 +322,40 @@ class ExpertParallelMoE(nn.Module):
         >>> (out.output.square().mean() + out.aux_loss).backward()    # doctest: +SKIP
     """
 
-    def __init__(self, dim: int, hidden: int, num_experts: int, k: int, *, group=None, num_tasks: int = 1,
-                 activation: str = "gelu", capacity: Optional[int] = None,
-                 capacity_factor: Optional[float] = None, min_capacity: int = 0,
-                 drop_policy: str = "position", score: str = "softmax", renormalize: bool = True,
-                 bias: bool = True, out_dim: Optional[int] = None, load_balancing_coef: float = 1e-2,
-                 z_loss_coef: float = 1e-3, router_dtype: Optional[torch.dtype] = torch.float32,
-                 group_name: Optional[str] = None, backend: Optional[str] = None, device=None, dtype=None):
-        super().__init__()
-        op = "distributed.ExpertParallelMoE"
-        for name, v in (("dim", dim), ("hidden", hidden), ("num_experts", num_experts),
-                        ("num_tasks", num_tasks)):
-            check_int(v, op, name, lo=1)
-        check_int(k, op, "k", lo=1, hi=num_experts)
-        check_choice(activation, op, "activation", ACTIVATIONS)
-        W = group_size(group)
-        check(num_experts % W == 0, op, "num_experts",
-              f"must be divisible by the expert-parallel group size {W}, got {num_experts}")
-        _check_options(op, k, num_experts, score=score, renormalize=renormalize, capacity=capacity,
-                       capacity_factor=capacity_factor, min_capacity=min_capacity, drop_policy=drop_policy,
-                       pad_to=1)
-        out_dim = dim if out_dim is None else out_dim
-        check_int(out_dim, op, "out_dim", lo=1)
-        self.group = group
-        self.dim, self.hidden, self.out_dim = dim, hidden, out_dim
-        self.num_experts, self.k, self.num_tasks = num_experts, k, num_tasks
-        self.ep_size = W
-        self.num_local_experts = num_experts // W
-        self.expert_offset = group_rank(group) * self.num_local_experts
-        self.activation = activation
-        self.capacity, self.capacity_factor, self.min_capacity = capacity, capacity_factor, min_capacity
-        self.route_options = dict(score=score, renormalize=renormalize, drop_policy=drop_policy)
-        self.load_balancing_coef, self.z_loss_coef = load_balancing_coef, z_loss_coef
-        self.router_dtype, self.backend = router_dtype, backend
-        self.group_name = group_name or f"ep_size_{W}"
-        fk = dict(device=device, dtype=dtype)
-        n = self.num_local_experts
-        h1 = 2 * hidden if activation == "swiglu" else hidden
-        self.router_weight = nn.Parameter(torch.empty(num_tasks, dim, num_experts, **fk))
-        self.w1 = nn.Parameter(torch.empty(n, dim, h1, **fk))
-        self.w2 = nn.Parameter(torch.empty(n, hidden, out_dim, **fk))
-        self.b1 = nn.Parameter(torch.empty(n, h1, **fk)) if bias else None
-        self.b2 = nn.Parameter(torch.empty(n, out_dim, **fk)) if bias else None
-        for p in self.expert_parameters():
-            mark_expert_parameter(p, self.group_name)
-        self.reset_parameters()
+    _op_name = "distributed.ExpertParallelMoE"
 
-    def expert_parameters(self) -> list:
-        """This rank's expert parameters (w1, w2 and the biases)."""
-        return [p for p in (self.w1, self.w2, self.b1, self.b2) if p is not None]
+    def __init__(self, dim: int, hidden: int, num_experts: int, k: int, *, group=None,
+                 group_name: Optional[str] = None, **options):
+        check("executor" not in options, self._op_name, "executor", "is fixed: AllToAllExperts(group)")
+        super().__init__(dim, hidden, num_experts, k, executor=AllToAllExperts(group, group_name), **options)
 
-    def reset_parameters(self) -> None:
-        """nn.Linear's default initialisation (expert e's values depend on the rank's random state)."""
-        with torch.no_grad():
-            for w, fan_in in ((self.router_weight, self.dim), (self.w1, self.dim), (self.w2, self.hidden),
-                              (self.b1, self.dim), (self.b2, self.hidden)):
-                if w is not None:
-                    nn.init.uniform_(w, -1.0 / math.sqrt(fan_in), 1.0 / math.sqrt(fan_in))
+    @property
+    def group(self):
+        return self.executor.group
+
+    @property
+    def ep_size(self) -> int:
+        return self.executor.ep_size
+
+    @property
+    def group_name(self) -> str:
+        return self.executor.group_name
+
+    @property
+    def num_local_experts(self) -> int:
+        return self.w1.shape[0]
+
+    @property
+    def expert_offset(self) -> int:
+        return group_rank(self.group) * self.num_local_experts
+
+    @property
+    def capacity(self) -> Optional[int]:
+        return self.route_options["capacity"]
+
+    @property
+    def capacity_factor(self) -> Optional[float]:
+        return self.route_options["capacity_factor"]
 
     @torch.no_grad()
     def load_full(self, router_weight: Tensor, w1: Tensor, w2: Tensor, b1: Optional[Tensor] = None,
@@ -356,27 +378,30 @@ class ExpertParallelMoE(nn.Module):
         return self
 
     @classmethod
-    def from_moe(cls, moe: nn.Module, *, group=None, **options) -> "ExpertParallelMoE":
+    def from_moe(cls, moe: MoE, *, group=None, **options) -> "ExpertParallelMoE":
         """An expert-parallel copy of a single-process :class:`moe_kernels.nn.MoE` (its routing options,
         activation and loss coefficients; this rank's slice of its experts)."""
         op = "distributed.ExpertParallelMoE.from_moe"
-        for a in ("router_weight", "w1", "w2", "num_experts", "k", "activation", "route_options"):
-            check(hasattr(moe, a), op, "moe", f"must be a moe_kernels.nn.MoE (missing '{a}')")
-        ro = dict(moe.route_options)
-        check(ro.get("pad_to", 1) == 1, op, "moe", "uses pad_to > 1, which expert parallelism does not take")
-        eff = moe.effective if hasattr(moe, "effective") else (lambda n: getattr(moe, n))
-        kw = dict(num_tasks=moe.num_tasks, activation=moe.activation, capacity=ro.get("capacity"),
-                  capacity_factor=ro.get("capacity_factor"), min_capacity=ro.get("min_capacity", 0),
-                  drop_policy=ro.get("drop_policy", "position"), score=ro.get("score", "softmax"),
-                  renormalize=ro.get("renormalize", True), bias=moe.b1 is not None, out_dim=moe.out_dim,
-                  load_balancing_coef=moe.load_balancing_coef, z_loss_coef=moe.z_loss_coef,
-                  router_dtype=moe.router_dtype, backend=moe.backend, dtype=moe.w1.dtype,
-                  device=moe.w1.device)
+        check(isinstance(moe, MoE) and moe.executor.local, op, "moe",
+              f"must be a single-process moe_kernels.nn.MoE, got {type(moe).__name__}")
+        check(moe.route_options.get("pad_to", 1) == 1, op, "moe",
+              "uses pad_to > 1, which expert parallelism does not take")
+        check(not moe._restricted, op, "moe", "has tasks that see only some experts (visible_experts), "
+                                              "which expert parallelism does not take")
+        ro = {k: v for k, v in moe.route_options.items() if k != "pad_to"}
+        kw = dict(num_tasks=moe.num_tasks, activation=moe.activation, bias=moe.b1 is not None, out_dim=moe.out_dim,
+                  load_balancing_coef=moe.load_balancing_coef, z_loss_coef=moe.z_loss_coef, mi_coef=moe.mi_coef,
+                  mi_loss=moe.mi_loss, mi_momentum=moe.mi_momentum, router_dtype=moe.router_dtype,
+                  backend=moe.backend, dtype=moe.w1.dtype, device=moe.w1.device, **ro)
         kw.update(options)
         layer = cls(moe.dim, moe.hidden, moe.num_experts, moe.k, group=group, **kw)
-        return layer.load_full(eff("router_weight").detach(), eff("w1").detach(), eff("w2").detach(),
-                               None if moe.b1 is None else eff("b1").detach(),
-                               None if moe.b2 is None else eff("b2").detach())
+        eff = moe.effective
+        layer.load_full(eff("router_weight").detach(), eff("w1").detach(), eff("w2").detach(),
+                        None if moe.b1 is None else eff("b1").detach(),
+                        None if moe.b2 is None else eff("b2").detach())
+        if moe.mutual_information is not None and layer.mutual_information is not None:
+            layer.mutual_information.joint.copy_(moe.mutual_information.joint)
+        return layer
 
     def gather_experts(self) -> dict:
         """All experts' weights (``w1``, ``w2``, ``b1``, ``b2``, full E) gathered from the group (a
@@ -384,7 +409,7 @@ class ExpertParallelMoE(nn.Module):
         import torch.distributed as dist
         out = {}
         for name in ("w1", "w2", "b1", "b2"):
-            p = getattr(self, name)
+            p = self.effective(name) if getattr(self, name) is not None else None
             if p is None:
                 continue
             if self.ep_size == 1:
@@ -395,61 +420,11 @@ class ExpertParallelMoE(nn.Module):
             out[name] = torch.cat(parts)
         return out
 
-    def _capacity(self, T: int, device) -> Optional[int]:
-        if self.capacity is not None:
-            return self.capacity
-        if self.capacity_factor is None:
-            return None
-        c = resolve_capacity(T, self.k, self.num_experts, None, self.capacity_factor, self.min_capacity)
-        return max(1, all_reduce_max_int(c, device if device.type == "cuda" else torch.device("cpu"),
-                                         self.group))
-
-    def forward(self, x: Tensor, task_ids: Union[None, int, Tensor] = None):
-        """Route this rank's tokens ``x [..., dim]`` and run them through the experts of the whole group.
-
-        Returns a :class:`moe_kernels.nn.MoEOutput` (output, aux_loss, losses, routing); the auxiliary
-        losses are over this rank's tokens.
-        """
-        from ..nn.moe import MoEOutput  # the public result type of mk.nn.MoE
-        op = "distributed.ExpertParallelMoE"
-        check(isinstance(x, Tensor) and x.shape[-1] == self.dim, op, "x",
-              f"must be a tensor ending in dim={self.dim}, got {tuple(getattr(x, 'shape', ()))}")
-        lead = tuple(x.shape[:-1])
-        x2 = x.reshape(-1, self.dim)
-        T = x2.shape[0]
-        C = self._capacity(T, x2.device)
-        xr, wr = x2, self.router_weight
-        if self.router_dtype is not None:
-            xr, wr = x2.to(self.router_dtype), wr.to(self.router_dtype)
-        if self.num_tasks == 1:
-            check(task_ids is None or (isinstance(task_ids, int) and task_ids == 0), op, "task_ids",
-                  "must be None or 0 for a single-router layer (num_tasks=1)")
-            routing = route((xr @ wr[0]).contiguous(), self.k, capacity=C, backend=self.backend,
-                            **self.route_options)
-        else:
-            if task_ids is None:
-                fail(op, "task_ids", f"is required with num_tasks={self.num_tasks}")
-            if isinstance(task_ids, Tensor) and task_ids.numel() == lead[0] and len(lead) > 1:
-                task_ids = task_ids.repeat_interleave(T // lead[0])
-            routing = task_route(xr.contiguous(), wr.contiguous(), task_ids, self.k, capacity=C,
-                                 backend=self.backend, **self.route_options)
-        y = expert_parallel_mlp(x2.contiguous(), routing, self.w1, self.w2, self.activation, self.b1, self.b2,
-                                group=self.group, backend=self.backend)
-        losses = {}
-        aux = y.new_zeros((), dtype=torch.float32)
-        if self.load_balancing_coef and T:
-            losses["load_balancing"] = load_balancing_loss(routing.logits, routing, backend=self.backend)
-            aux = aux + self.load_balancing_coef * losses["load_balancing"]
-        if self.z_loss_coef and T:
-            losses["z_loss"] = z_loss(routing.logits, backend=self.backend)
-            aux = aux + self.z_loss_coef * losses["z_loss"]
-        return MoEOutput(y.reshape(*lead, self.out_dim), aux, losses, routing)
-
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, hidden={self.hidden}, num_experts={self.num_experts}, k={self.k}, "
                 f"ep_size={self.ep_size}, local_experts={self.num_local_experts} "
-                f"(from {self.expert_offset}), activation={self.activation!r}, capacity={self.capacity}, "
-                f"capacity_factor={self.capacity_factor}")
+                f"(from {self.expert_offset}), num_tasks={self.num_tasks}, activation={self.activation!r}, "
+                f"capacity={self.capacity}, capacity_factor={self.capacity_factor}")
 
 
 def new_expert_parallel_groups(ep_size: int):
@@ -510,6 +485,6 @@ def allreduce_gradients(module: nn.Module, *, dp_group=None, ep_dp_group=None,
         p.grad.div_(dp)
 
 
-__all__ = ["ExpertFn", "ExpertParallelMoE", "allreduce_gradients", "expert_parallel_mlp",
+__all__ = ["AllToAllExperts", "ExpertFn", "ExpertParallelMoE", "allreduce_gradients", "expert_parallel_mlp",
            "fixed_capacity_routing", "is_expert_parameter", "local_expert_range", "mark_expert_parameter",
            "new_expert_parallel_groups", "run_experts"]

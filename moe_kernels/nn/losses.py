@@ -12,8 +12,9 @@ from ..ops.losses import mutual_information_ema_update, mutual_information_loss_
 
 
 class MutualInformationLoss(nn.Module):
-    """MTHL's mutual-information loss with an EMA buffer of the dataset-expert joint (Eq. 5 of
-    004_... in the seeds).
+    """MTHL's mutual-information loss with an EMA buffer of the dataset-expert joint (Eq. 5 of MTHL,
+    "An Efficient General-Purpose Modular Vision Model via Multi-Task Heterogeneous Training",
+    Chen et al., arXiv:2306.17165).
 
     The buffer ``joint`` (``[M, E]``, a registered buffer, so it is saved and restored with the
     module's state dict) estimates P(D, E) across steps: in training, each forward first updates
@@ -45,8 +46,12 @@ class MutualInformationLoss(nn.Module):
 
     def forward(self, probs: Tensor, task_ids: Union[int, Tensor], *,
                 backend: Optional[str] = None) -> Tensor:
-        check(probs.dim() == 2 and probs.shape[1] == self.num_experts, "MutualInformationLoss",
-              "probs", f"must have shape [T, E={self.num_experts}], got {tuple(probs.shape)}")
+        check(isinstance(probs, Tensor) and probs.dim() == 2 and probs.shape[1] == self.num_experts,
+              "MutualInformationLoss", "probs",
+              f"must have shape [T, E={self.num_experts}], got {tuple(getattr(probs, 'shape', ()))}")
+        probs = probs.contiguous()  # a module takes any strides (the functional ops want them contiguous)
+        if isinstance(task_ids, Tensor):
+            task_ids = task_ids.contiguous()
         if self.training:
             mutual_information_ema_update(self.joint, probs, task_ids, self.num_tasks, self.momentum,
                                           backend=backend)

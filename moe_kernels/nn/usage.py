@@ -45,7 +45,9 @@ class ExpertUsage:
     def __init__(self, model: nn.Module):
         check(isinstance(model, nn.Module), "nn.ExpertUsage", "model",
               f"must be an nn.Module, got {type(model).__name__}")
-        self.layers: dict[str, MoE] = {n: m for n, m in model.named_modules() if isinstance(m, MoE)}
+        # every MoE layer whose forward returns an MoEOutput (the DeepSpeed drop-in's returns a tensor)
+        self.layers: dict[str, MoE] = {n: m for n, m in model.named_modules()
+                                       if isinstance(m, MoE) and m.returns_moe_output}
         check(bool(self.layers), "nn.ExpertUsage", "model", "contains no moe_kernels.nn.MoE layer")
         self._names = {id(m): n for n, m in self.layers.items()}
         self._handles: list = []
