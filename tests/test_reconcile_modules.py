@@ -9,9 +9,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import moe_kernels.nn.backbone as B
 import moe_kernels.nn.reconcile as R
 from moe_kernels import MoEKernelsError
 from moe_kernels.backends import ENV_VAR
+
+from .models import TinyResNet
 
 
 @pytest.fixture(autouse=True)
@@ -258,14 +261,14 @@ CH = (4, 8, 12, 16)
 
 def _backbone(pattern="cross_level", T=2, layout="nchw", seed=0, **kw):
     torch.manual_seed(seed)
-    nets = [R.TinyResNet(channels=CH, layout=layout) for _ in range(T)]
-    return R.ExpandedBackbone(nets, pattern=pattern, layout=layout, **kw)
+    nets = [TinyResNet(channels=CH, layout=layout) for _ in range(T)]
+    return B.ExpandedBackbone(nets, pattern=pattern, layout=layout, **kw)
 
 
 class PlainExpanded(nn.Module):
     """Eq. 2 rebuilt independently: deep copies of the branches + plain links with .detach()."""
 
-    def __init__(self, ebb: R.ExpandedBackbone) -> None:
+    def __init__(self, ebb: B.ExpandedBackbone) -> None:
         super().__init__()
         self.branches = copy.deepcopy(ebb.branches)
         self.links = nn.ModuleDict()
@@ -377,18 +380,18 @@ def test_link_counts_per_pattern(T, D):
             "low_level": tt * low * (low + 1) // 2, "high_level": tt * high * (high + 1) // 2,
             "deep_to_shallow": tt * D * (D + 1) // 2}
     for pattern, n in want.items():
-        links = R.reconciliation_links(pattern, T, D)
+        links = B.reconciliation_links(pattern, T, D)
         assert len(links) == n, pattern
         assert all(l.src_task != l.dst_task for l in links)
     # built modules: gamma_a / gamma_c counts sum_{i} sum_{j<i} (i-j) per ordered task pair
     chans = [4 * (s + 1) for s in range(D)]
     for pattern, kind in (("cross_level", R.GammaA), ("deep_to_shallow", R.GammaC)):
-        ebb = R.ExpandedBackbone([R.TinyResNet(channels=chans) for _ in range(T)], pattern=pattern)
+        ebb = B.ExpandedBackbone([TinyResNet(channels=chans) for _ in range(T)], pattern=pattern)
         assert ebb.num_links == want[pattern]
         assert sum(l.num_links for l in ebb.fusers.values()) == want[pattern]
         assert sum(isinstance(m, kind) for m in ebb.fusers.modules()) == tt * (D - 1) * D * (D + 1) // 6
     # T^2 * D^2 growth of cross-level
-    assert len(R.reconciliation_links("cross_level", 2 * T, 2 * D)) / want["cross_level"] == pytest.approx(
+    assert len(B.reconciliation_links("cross_level", 2 * T, 2 * D)) / want["cross_level"] == pytest.approx(
         (2 * T * (2 * T - 1)) * (2 * D) * (2 * D + 1) / (tt * D * (D + 1)))
 
 
@@ -427,34 +430,34 @@ def test_custom_links_and_fusion_choice():
 class _NoStages(nn.Module):
     def __init__(self):
         super().__init__()
-        self.net = R.TinyResNet(channels=CH)
+        self.net = TinyResNet(channels=CH)
 
     def forward(self, x):
         return self.net(x)
 
 
 def test_backbone_validation():
-    nets = [R.TinyResNet(channels=CH) for _ in range(2)]
+    nets = [TinyResNet(channels=CH) for _ in range(2)]
     with pytest.raises(MoEKernelsError, match="at least 2"):
-        R.ExpandedBackbone(nets[:1])
+        B.ExpandedBackbone(nets[:1])
     with pytest.raises(MoEKernelsError, match="pattern"):
-        R.ExpandedBackbone(nets, pattern="everything")
+        B.ExpandedBackbone(nets, pattern="everything")
     with pytest.raises(MoEKernelsError, match="cycle"):
-        R.ExpandedBackbone(nets, pattern="deep_to_shallow", fusion="inline")
+        B.ExpandedBackbone(nets, pattern="deep_to_shallow", fusion="inline")
     with pytest.raises(MoEKernelsError, match="itself"):
-        R.ExpandedBackbone(nets, pattern=[(0, 0, 0, 1)])
+        B.ExpandedBackbone(nets, pattern=[(0, 0, 0, 1)])
     with pytest.raises(MoEKernelsError, match="stages"):
-        R.ExpandedBackbone([_NoStages(), _NoStages()], stage_channels=CH)
+        B.ExpandedBackbone([_NoStages(), _NoStages()], stage_channels=CH)
     with pytest.raises(MoEKernelsError, match="layout mismatch"):
-        R.ExpandedBackbone(nets, layout="nhwc")
+        B.ExpandedBackbone(nets, layout="nhwc")
     with pytest.raises(MoEKernelsError, match="phase"):
-        R.ExpandedBackbone(nets).set_phase("warmup")
+        B.ExpandedBackbone(nets).set_phase("warmup")
     # wrong channel counts: declared (4, 8, 12, 20) but stage 3 gives 16
-    ebb = R.ExpandedBackbone(nets, stage_channels=(4, 8, 12, 20))
+    ebb = B.ExpandedBackbone(nets, stage_channels=(4, 8, 12, 20))
     with pytest.raises(MoEKernelsError, match="stage 3 output.*20 channels"):
         ebb(torch.randn(2, 3, 32, 32))
     # output fusion works with any branch returning its D stage features
-    ebb = R.ExpandedBackbone([_NoStages(), _NoStages()], stage_channels=CH, fusion="output")
+    ebb = B.ExpandedBackbone([_NoStages(), _NoStages()], stage_channels=CH, fusion="output")
     ebb(torch.randn(2, 3, 32, 32))
     with pytest.raises(MoEKernelsError, match="x"):
         ebb([torch.randn(2, 3, 32, 32)] * 3)

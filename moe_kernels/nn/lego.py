@@ -1,6 +1,7 @@
 """GPPF lego layers: N same-architecture units per layer, one Gumbel-softmax controller per task.
 
-GPPF (``shared/seeds/002_...``, Sec. 3.2 "Task-Specific Dynamic Network") builds its backbone from a
+GPPF ("GPPF: A General Perception Pre-training Framework via Sparsely Activated Multi-Task
+Learning", Sun et al., arXiv:2208.02148; Sec. 3.2 "Task-Specific Dynamic Network") builds its backbone from a
 stack of L *lego layers*. Layer l holds N units ``M_{l,1..N}`` with one architecture (e.g. a residual
 bottleneck block) and different weights. For every task t the layer's controller records the
 selection probabilities ``p_l^t[k]``; during training a sample of Eq. 1 weights the units,
