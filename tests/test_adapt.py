@@ -1,4 +1,4 @@
-"""mk.adapt: new routers, pruning, top-K, added experts; the three guarantees of issue 4 item 6:
+"""mk.adapt: new routers, pruning, top-K, added experts; the three guarantees the README states:
 old datasets bit-identical after adding experts and a router, pruning keeps tokens that chose no
 pruned expert, freezing leaves exactly the intended parameters trainable."""
 

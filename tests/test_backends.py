@@ -1,5 +1,6 @@
 """The backend switch: per call, by environment variable, by device; errors that say how to fix."""
 
+import dataclasses
 import warnings
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 
 import moe_kernels as mk
 from moe_kernels import backends
-from moe_kernels.backends import BACKENDS, BackendUnavailableError, resolve
+from moe_kernels.backends import BACKENDS, BackendUnavailableError, contract, resolve
 
 L = torch.randn(5, 4)
 
@@ -23,6 +24,15 @@ def test_reference_always_available_and_complete():
     assert not missing, f"ops without a reference kernel: {missing}"
 
 
+def _force(monkeypatch, name, available, reason="forced by the test", drop=()):
+    """Make backend ``name`` look (un)available, optionally without some kernels."""
+    b = BACKENDS[name]
+    table = {} if not available else {k: v for k, v in b.declared_kernels().items() if k not in drop}
+    monkeypatch.setitem(b.__dict__, "_state", (available, reason, table))
+    monkeypatch.setattr(backends, "_AUTO", {})
+    monkeypatch.setattr(backends, "_warned_fallback", set())
+
+
 def test_unknown_backend_names_the_choices():
     with pytest.raises(BackendUnavailableError, match="unknown backend 'fast'.*reference"):
         mk.route(L, 1, backend="fast")
@@ -30,15 +40,15 @@ def test_unknown_backend_names_the_choices():
 
 @pytest.mark.parametrize("name", ["cpu", "triton", "cuda"])
 def test_requested_unavailable_backend_errors_with_how_to(name, monkeypatch):
+    _force(monkeypatch, name, False, "the probe says no")
     b = BACKENDS[name]
-    if b.available:
-        pytest.skip(f"{name} is available on this machine")
     with pytest.raises(BackendUnavailableError) as info:
         mk.route(L, 1, backend=name)
     msg = str(info.value)
     assert f"backend '{name}'" in msg
     if "cpu" in b.devices:
-        assert "not available" in msg and "To get it" in msg and b.reason in msg
+        assert "not available" in msg and "To get it" in msg and "the probe says no" in msg
+        assert b.how_to_get in msg
     else:
         assert "does not run on cpu tensors" in msg
 
@@ -46,42 +56,53 @@ def test_requested_unavailable_backend_errors_with_how_to(name, monkeypatch):
 def test_environment_variable_is_an_explicit_request(monkeypatch):
     monkeypatch.setenv(backends.ENV_VAR, "reference")
     assert resolve("route", torch.device("cpu")) == "reference"
-    if not BACKENDS["cpu"].available:
-        monkeypatch.setenv(backends.ENV_VAR, "cpu")
-        with pytest.raises(BackendUnavailableError, match="MOE_KERNELS_BACKEND"):
-            mk.route(L, 1)
+    _force(monkeypatch, "cpu", False)
+    monkeypatch.setenv(backends.ENV_VAR, "cpu")
+    with pytest.raises(BackendUnavailableError, match="MOE_KERNELS_BACKEND"):
+        mk.route(L, 1)
     # the per-call argument wins over the environment
     monkeypatch.setenv(backends.ENV_VAR, "no-such-backend")
     assert mk.route(L, 1, backend="reference").topk_ids.shape == (5, 1)
 
 
-def test_fallback_to_reference_says_so_once(monkeypatch):
+@pytest.mark.parametrize("why", ["unavailable", "kernel missing"])
+def test_fallback_to_reference_says_so_once(monkeypatch, why):
     monkeypatch.delenv(backends.ENV_VAR, raising=False)
-    monkeypatch.setattr(backends, "_warned_fallback", set())
-    cpu = BACKENDS["cpu"]
-    # an op the cpu backend cannot serve: any op when it is unavailable, else one it lacks
-    missing = [op for op in ("route", "grouped_gemm", "reconcile", "z_loss")
-               if not cpu.available or op not in cpu.kernels]
-    if not missing:
-        pytest.skip("the cpu backend implements every op: nothing falls back")
-    op = missing[0]
+    if why == "unavailable":
+        _force(monkeypatch, "cpu", False, "no compiler here")
+    else:
+        _force(monkeypatch, "cpu", True, "built", drop=("grouped_gemm", "grouped_gemm_backward", "z_loss",
+                                                         "z_loss_backward"))
     calls = {
-        "route": lambda: mk.route(L, 1),
         "grouped_gemm": lambda: mk.grouped_gemm(torch.randn(4, 3), torch.tensor([0, 4], dtype=torch.int32),
                                                 torch.randn(1, 3, 2)),
-        "reconcile": lambda: mk.reconcile(torch.randn(4, 3), [torch.randn(4, 2)], [torch.randn(2, 3)]),
         "z_loss": lambda: mk.z_loss(L),
     }
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        calls[op]()
-        calls[op]()
-        for other in missing[1:]:
-            calls[other]()
+        calls["grouped_gemm"]()
+        calls["grouped_gemm"]()
+        calls["z_loss"]()
     msgs = [str(w.message) for w in caught if "reference backend" in str(w.message)]
     assert len(msgs) == 1, msgs
-    assert f"'{op}'" in msgs[0]
-    assert ("without a kernel" in msgs[0]) if cpu.available else (cpu.reason in msgs[0])
+    assert "'grouped_gemm'" in msgs[0]
+    assert ("no compiler here" if why == "unavailable" else "without a kernel") in msgs[0]
+
+
+def test_delegated_ops_run_on_the_reference_without_a_warning(monkeypatch):
+    """The cpu backend leaves the mutual-information losses to the reference by design."""
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    _force(monkeypatch, "cpu", True, "built")
+    cpu = BACKENDS["cpu"]
+    assert cpu.delegated == {n: "reference" for n in contract.KERNELS if n.startswith("mutual_information")}
+    probs = torch.softmax(torch.randn(6, 4), -1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loss = mk.mutual_information_loss(probs, torch.tensor([0, 1, 0, 1, 0, 1]), 2)
+    assert not [w for w in caught if "moe_kernels" in str(w.message)], [str(w.message) for w in caught]
+    assert resolve("mutual_information_loss", torch.device("cpu")) == "cpu"
+    ref = mk.mutual_information_loss(probs, torch.tensor([0, 1, 0, 1, 0, 1]), 2, backend="reference")
+    assert torch.equal(loss, ref)
 
 
 def test_backend_name_reaches_the_kernel(monkeypatch):
@@ -89,7 +110,8 @@ def test_backend_name_reaches_the_kernel(monkeypatch):
     calls = []
     ref = BACKENDS["reference"]
     orig = ref.kernels["dispatch"]
-    monkeypatch.setitem(ref.kernels, "dispatch", lambda *a: calls.append(1) or orig(*a))
+    monkeypatch.setitem(ref.kernels, "dispatch",
+                        dataclasses.replace(orig, fn=lambda *a: calls.append(1) or orig.fn(*a)))
     mk.dispatch(torch.randn(5, 3), mk.route(L, 1), backend="reference")
     assert calls == [1]
 

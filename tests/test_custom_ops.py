@@ -1,5 +1,5 @@
-"""torch.library.opcheck on every custom op: schema, fake implementation, autograd registration
-and AOT dispatch with dynamic shapes (what torch.compile relies on)."""
+"""torch.library.opcheck on every custom op on every available backend: schema, fake implementation,
+autograd registration and AOT dispatch with dynamic shapes (what torch.compile relies on)."""
 
 import pytest
 import torch
@@ -7,7 +7,6 @@ import torch
 import moe_kernels  # noqa: F401  (registers the ops)
 
 ops = torch.ops.moe_kernels
-B = "reference"
 
 
 def _plan():
@@ -17,7 +16,7 @@ def _plan():
     return logits, r
 
 
-def _cases():
+def _cases(B):
     logits, r = _plan()
     lg = logits.clone().requires_grad_()
     x = torch.randn(9, 6, requires_grad=True)
@@ -45,7 +44,12 @@ def _cases():
         "moe_mlp_swiglu": (ops.moe_mlp, (x, w, r.slots, r.sources, r.offsets, w1, w2, None, None, "swiglu", B)),
         "reconcile": (ops.reconcile, (torch.randn(9, 6, requires_grad=True), [torch.randn(9, 3), torch.randn(9, 4)],
                                       [torch.randn(3, 6, requires_grad=True), torch.randn(4, 6, requires_grad=True)],
-                                      [torch.randn(6, requires_grad=True), torch.randn(6, requires_grad=True)], "relu", B)),
+                                      [torch.randn(6, requires_grad=True), torch.randn(6, requires_grad=True)], "relu",
+                                      False, None, None, 1e-5, B)),
+        "reconcile_batch_norm": (ops.reconcile, (torch.randn(9, 6, requires_grad=True), [torch.randn(9, 3)],
+                                                 [torch.randn(3, 6, requires_grad=True)], [], "gelu", True,
+                                                 torch.randn(1, 6, requires_grad=True),
+                                                 torch.randn(1, 6, requires_grad=True), 1e-5, B)),
         "load_balancing_loss": (ops.load_balancing_loss, (lg, r.topk_ids, "softmax", B)),
         "z_loss": (ops.z_loss, (lg, B)),
         "mutual_information_loss": (ops.mutual_information_loss, (probs, tids, 3, B)),
@@ -54,12 +58,12 @@ def _cases():
     }
 
 
-CASES = _cases()
+CASES = _cases("reference")
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_opcheck(name):
-    op, args = CASES[name]
+def test_opcheck(name, backend):
+    op, args = _cases(backend)[name]
     torch.library.opcheck(op, args)
 
 

@@ -409,7 +409,7 @@ def test_deepspeed_engine_training_matches_one_process(engine_runs, ep_size, sta
 
 @pytest.mark.distributed
 def test_zero2_matches_zero0(engine_runs):
-    """The issue's acceptance check: 20 steps with ZeRO-2 give the losses of the run without ZeRO."""
+    """20 steps with ZeRO-2 give the losses of the run without ZeRO."""
     for rank in range(W):
         a = engine_runs[rank][(2, 0, 0.0)]["losses"]
         b = engine_runs[rank][(2, 2, 0.0)]["losses"]

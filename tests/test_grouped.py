@@ -36,24 +36,24 @@ def _loop_gemm(x, o, w):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("seg", SEGMENTS, ids=str)
-def test_grouped_gemm(seg, dtype):
+def test_grouped_gemm(seg, dtype, backend):
     sizes, tail = seg
     o, N = _offsets(sizes, tail)
     torch.manual_seed(0)
     x = torch.randn(N, 11).to(dtype)
     w = torch.randn(len(sizes), 11, 6).to(dtype)
-    out = mk.grouped_gemm(x, o, w)
+    out = mk.grouped_gemm(x, o, w, backend=backend)
     torch.testing.assert_close(out, _loop_gemm(x, o, w), **TOL[dtype])
     assert (out[int(o[-1]):] == 0).all()
 
 
 @pytest.mark.parametrize("seg", SEGMENTS, ids=str)
-def test_grouped_gemm_gradcheck(seg):
+def test_grouped_gemm_gradcheck(seg, backend):
     sizes, tail = seg
     o, N = _offsets(sizes, tail)
     x = torch.randn(N, 4, dtype=torch.float64, requires_grad=True)
     w = torch.randn(len(sizes), 4, 3, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x, w: mk.grouped_gemm(x, o, w), (x, w))
+    assert torch.autograd.gradcheck(lambda x, w: mk.grouped_gemm(x, o, w, backend=backend), (x, w))
 
 
 def _loop_mlp(x, o, w1, w2, act, b1, b2):
@@ -83,14 +83,14 @@ def _mlp_weights(E, d, h, act, bias, dtype, grad=False):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("act", ["gelu", "relu", "silu", "swiglu"])
 @pytest.mark.parametrize("bias", [False, True])
-def test_grouped_mlp_forward_backward(act, bias, dtype):
+def test_grouped_mlp_forward_backward(act, bias, dtype, backend):
     torch.manual_seed(1)
     sizes, tail = SEGMENTS[0]
     o, N = _offsets(sizes, 3)
     E, d, h = len(sizes), 10, 12
     x = torch.randn(N, d).to(dtype).requires_grad_()
     params = _mlp_weights(E, d, h, act, bias, dtype, grad=True)
-    out = mk.grouped_mlp(x, o, params[0], params[1], act, params[2], params[3])
+    out = mk.grouped_mlp(x, o, params[0], params[1], act, params[2], params[3], backend=backend)
     g = torch.randn_like(out)
     grads = torch.autograd.grad(out, [x] + [p for p in params if p is not None], g)
 
@@ -106,7 +106,7 @@ def test_grouped_mlp_forward_backward(act, bias, dtype):
 
 
 @pytest.mark.parametrize("act", ["gelu", "relu", "silu", "swiglu"])
-def test_grouped_mlp_gradcheck(act):
+def test_grouped_mlp_gradcheck(act, backend):
     torch.manual_seed(2)
     o, N = _offsets([2, 0, 3], 1)
     x = torch.randn(N, 3, dtype=torch.float64, requires_grad=True)
@@ -114,19 +114,19 @@ def test_grouped_mlp_gradcheck(act):
     if act == "relu":  # keep pre-activations away from the kink at 0
         with torch.no_grad():
             b1.add_(torch.sign(b1) * 0.5)
-    assert torch.autograd.gradcheck(lambda *a: mk.grouped_mlp(a[0], o, a[1], a[2], act, a[3], a[4]),
+    assert torch.autograd.gradcheck(lambda *a: mk.grouped_mlp(a[0], o, a[1], a[2], act, a[3], a[4], backend=backend),
                                     (x, w1, w2, b1, b2))
 
 
 @pytest.mark.parametrize("mode", [dict(), dict(capacity=2), dict(pad_to=4)], ids=str)
-def test_moe_mlp_equals_dense_top_k_mixture(mode):
+def test_moe_mlp_equals_dense_top_k_mixture(mode, backend):
     torch.manual_seed(3)
     T, d, h, E, k = 21, 8, 16, 5, 2
     x = torch.randn(T, d, requires_grad=True)
     logits = torch.randn(T, E, requires_grad=True)
     w1, w2, b1, b2 = _mlp_weights(E, d, h, "gelu", True, torch.float32, grad=True)
-    r = mk.route(logits, k, **mode)
-    out = mk.moe_mlp(x, r, w1, w2, "gelu", b1, b2)
+    r = mk.route(logits, k, **mode, backend=backend)
+    out = mk.moe_mlp(x, r, w1, w2, "gelu", b1, b2, backend=backend)
     # y[t] = sum over kept assignments of w * MLP_e(x_t), computed token by token
     want = torch.zeros(T, d)
     for t in range(T):

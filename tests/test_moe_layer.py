@@ -31,9 +31,9 @@ def _naive(layer: mk.nn.MoE, x: torch.Tensor, tasks=0):
 
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
 @pytest.mark.parametrize("shape", [(1, 1, 8), (3, 7, 8), (2, 0, 8)], ids=["T=1", "T=21", "T=0"])
-def test_moe_matches_naive_loop(shape, activation):
+def test_moe_matches_naive_loop(shape, activation, backend):
     torch.manual_seed(0)
-    layer = mk.nn.MoE(8, 12, 7, 3, activation=activation)
+    layer = mk.nn.MoE(8, 12, 7, 3, activation=activation, backend=backend)
     x = torch.randn(*shape, requires_grad=True)
     o = layer(x)
     want = _naive(layer, x)
@@ -51,19 +51,19 @@ def test_moe_matches_naive_loop(shape, activation):
     assert torch.isfinite(o.aux_loss)
 
 
-def test_moe_reports_drops():
+def test_moe_reports_drops(backend):
     torch.manual_seed(1)
-    layer = mk.nn.MoE(8, 8, 4, 2, capacity_factor=0.5)
+    layer = mk.nn.MoE(8, 8, 4, 2, capacity_factor=0.5, backend=backend)
     o = layer(torch.randn(40, 8))
     assert o.routing.capacity == 10 and int(o.routing.num_dropped) >= 40 * 2 - 4 * 10
 
 
 @pytest.mark.parametrize("task_form", ["int", "per_token", "per_sample"])
 @pytest.mark.parametrize("mi_loss", ["ema", "batch"])
-def test_multitask_moe(task_form, mi_loss):
+def test_multitask_moe(task_form, mi_loss, backend):
     torch.manual_seed(2)
     M = 3
-    layer = mk.nn.MoE(8, 8, 5, 2, num_tasks=M, mi_loss=mi_loss)
+    layer = mk.nn.MoE(8, 8, 5, 2, num_tasks=M, mi_loss=mi_loss, backend=backend)
     x = torch.randn(4, 6, 8)
     tasks = {"int": 2, "per_token": torch.randint(0, M, (4, 6)),
              "per_sample": torch.tensor([0, 2, 1, 2])}[task_form]
@@ -81,9 +81,9 @@ def test_multitask_moe(task_form, mi_loss):
 
 
 @pytest.mark.parametrize("num_tasks", [1, 3])
-def test_compile_fullgraph_matches_eager(num_tasks):
+def test_compile_fullgraph_matches_eager(num_tasks, backend):
     torch.manual_seed(3)
-    layer = mk.nn.MoE(16, 24, 5, 2, num_tasks=num_tasks, capacity_factor=1.25, pad_to=4)
+    layer = mk.nn.MoE(16, 24, 5, 2, num_tasks=num_tasks, capacity_factor=1.25, pad_to=4, backend=backend)
     twin = copy.deepcopy(layer)  # the EMA buffer moves on every training forward: compare fresh copies
     x = torch.randn(2, 9, 16)
     tasks = None if num_tasks == 1 else torch.tensor([0, 2])
@@ -107,9 +107,9 @@ def test_compile_fullgraph_matches_eager(num_tasks):
     assert torch.equal(o2.routing.slots, o1.routing.slots)
 
 
-def test_bf16_layer_runs_and_tracks_fp32():
+def test_bf16_layer_runs_and_tracks_fp32(backend):
     torch.manual_seed(4)
-    layer = mk.nn.MoE(16, 32, 6, 2)
+    layer = mk.nn.MoE(16, 32, 6, 2, backend=backend)
     x = torch.randn(50, 16)
     ref = layer(x).output
     o = copy.deepcopy(layer).to(torch.bfloat16)(x.bfloat16())
@@ -134,10 +134,10 @@ def test_compile_as_the_first_call_of_a_process():
     assert res.returncode == 0, res.stderr[-2000:]
 
 
-def test_zero_coefficients_skip_their_losses_and_router_runs_in_fp32():
-    layer = mk.nn.MoE(8, 8, 4, 2, load_balancing_coef=0.0, z_loss_coef=0.0).to(torch.bfloat16)
+def test_zero_coefficients_skip_their_losses_and_router_runs_in_fp32(backend):
+    layer = mk.nn.MoE(8, 8, 4, 2, load_balancing_coef=0.0, z_loss_coef=0.0, backend=backend).to(torch.bfloat16)
     o = layer(torch.randn(12, 8, dtype=torch.bfloat16))
     assert o.losses == {} and float(o.aux_loss) == 0.0
     assert o.routing.logits.dtype == torch.float32  # router_dtype default: fp32 (few bf16 ties)
-    o2 = mk.nn.MoE(8, 8, 4, 2, router_dtype=None).to(torch.bfloat16)(torch.randn(12, 8, dtype=torch.bfloat16))
+    o2 = mk.nn.MoE(8, 8, 4, 2, router_dtype=None, backend=backend).to(torch.bfloat16)(torch.randn(12, 8, dtype=torch.bfloat16))
     assert o2.routing.logits.dtype == torch.bfloat16

@@ -411,16 +411,16 @@ def test_opcheck_batch_norm(backend):
     bs = [torch.randn(6, requires_grad=True), torch.randn(6, requires_grad=True)]
     gamma, beta = torch.rand(2, 6, requires_grad=True), torch.randn(2, 6, requires_grad=True)
     for act in ("relu", "none"):
-        torch.library.opcheck(ops.reconcile, (main, aux, ws, bs, act, backend, True, gamma, beta, 1e-3))
-        torch.library.opcheck(ops.reconcile, (main, aux, ws, [], act, backend, True, None, None, 1e-5))
-        torch.library.opcheck(ops.reconcile, (None, aux, ws, bs, act, backend))
-        torch.library.opcheck(ops.reconcile, (main, aux, ws, bs, act, backend))
-    _out, stats = ops.reconcile(main, aux, ws, bs, "relu", backend, True, gamma, beta, 1e-5)
+        torch.library.opcheck(ops.reconcile, (main, aux, ws, bs, act, True, gamma, beta, 1e-3, backend))
+        torch.library.opcheck(ops.reconcile, (main, aux, ws, [], act, True, None, None, 1e-5, backend))
+        torch.library.opcheck(ops.reconcile, (None, aux, ws, bs, act, False, None, None, 1e-5, backend))
+        torch.library.opcheck(ops.reconcile, (main, aux, ws, bs, act, False, None, None, 1e-5, backend))
+    _out, stats = ops.reconcile(main, aux, ws, bs, "relu", True, gamma, beta, 1e-5, backend)
     g = torch.randn(9, 6)
     d = [t.detach() for t in ws], [t.detach() for t in bs]  # the backward op has no backward itself
-    torch.library.opcheck(ops.reconcile_backward, (g, aux, *d, "relu", backend, True, gamma.detach(),
-                                                   beta.detach(), stats.detach()))
-    torch.library.opcheck(ops.reconcile_backward, (g, aux, *d, "gelu", backend))
+    torch.library.opcheck(ops.reconcile_backward, (g, aux, *d, "relu", True, gamma.detach(),
+                                                   beta.detach(), stats.detach(), backend))
+    torch.library.opcheck(ops.reconcile_backward, (g, aux, *d, "gelu", False, None, None, None, backend))
 
 
 # ---- the cpu backend against the reference -----------------------------------------------------
@@ -582,6 +582,6 @@ def test_transposed_conv_weight_view_is_taken_as_is(bn, backend):
     ops = torch.ops.moe_kernels
     a2 = [a.reshape(-1, a.shape[-1]) for a in aux]
     wt = [w.detach().t() for w in conv_w]
-    stats = ops.reconcile(main.reshape(-1, 8), a2, wt, [], "relu", backend, bn)[1]
+    stats = ops.reconcile(main.reshape(-1, 8), a2, wt, [], "relu", bn, None, None, 1e-5, backend)[1]
     torch.library.opcheck(ops.reconcile_backward,
-                          (gout.reshape(-1, 8), a2, wt, [], "relu", backend, bn, None, None, stats))
+                          (gout.reshape(-1, 8), a2, wt, [], "relu", bn, None, None, stats, backend))

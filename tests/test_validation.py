@@ -23,30 +23,30 @@ def _raises(arg, fn, *a, **kw):
 
 
 ROUTE_CASES = [
-    ("logits", lambda: mk.route(torch.randn(6), 1)),  # 1-D
-    ("logits", lambda: mk.route(torch.randint(0, 3, (6, 4)), 1)),  # integer dtype
-    ("logits", lambda: mk.route(torch.randn(4, 6).t(), 1)),  # non-contiguous
-    ("logits", lambda: mk.route(torch.zeros(6, 0), 1)),  # no experts
-    ("logits", lambda: mk.route(torch.tensor([[0.0, float("nan")]]), 1)),
-    ("logits", lambda: mk.route(torch.tensor([[0.0, float("inf")]]), 1)),
-    ("k", lambda: mk.route(L, 0)),
-    ("k", lambda: mk.route(L, 5)),  # k > E
-    ("k", lambda: mk.route(L, 2.0)),
-    ("score", lambda: mk.route(L, 1, score="relu")),
-    ("drop_policy", lambda: mk.route(L, 1, capacity=2, drop_policy="random")),
-    ("pad_to", lambda: mk.route(L, 1, pad_to=0)),
-    ("capacity", lambda: mk.route(L, 1, capacity=0)),
-    ("capacity", lambda: mk.route(L, 1, capacity=2, capacity_factor=1.0)),
-    ("capacity_factor", lambda: mk.route(L, 1, capacity_factor=0.0)),
-    ("capacity_factor", lambda: mk.route(L, 1, capacity_factor=float("nan"))),
-    ("min_capacity", lambda: mk.route(L, 1, capacity_factor=1.0, min_capacity=-1)),
-    ("renormalize", lambda: mk.route(L, 1, renormalize="yes")),
+    ("logits", lambda b: mk.route(torch.randn(6), 1, backend=b)),  # 1-D
+    ("logits", lambda b: mk.route(torch.randint(0, 3, (6, 4)), 1, backend=b)),  # integer dtype
+    ("logits", lambda b: mk.route(torch.randn(4, 6).t(), 1, backend=b)),  # non-contiguous
+    ("logits", lambda b: mk.route(torch.zeros(6, 0), 1, backend=b)),  # no experts
+    ("logits", lambda b: mk.route(torch.tensor([[0.0, float("nan")]]), 1, backend=b)),
+    ("logits", lambda b: mk.route(torch.tensor([[0.0, float("inf")]]), 1, backend=b)),
+    ("k", lambda b: mk.route(L, 0, backend=b)),
+    ("k", lambda b: mk.route(L, 5, backend=b)),  # k > E
+    ("k", lambda b: mk.route(L, 2.0, backend=b)),
+    ("score", lambda b: mk.route(L, 1, score="relu", backend=b)),
+    ("drop_policy", lambda b: mk.route(L, 1, capacity=2, drop_policy="random", backend=b)),
+    ("pad_to", lambda b: mk.route(L, 1, pad_to=0, backend=b)),
+    ("capacity", lambda b: mk.route(L, 1, capacity=0, backend=b)),
+    ("capacity", lambda b: mk.route(L, 1, capacity=2, capacity_factor=1.0, backend=b)),
+    ("capacity_factor", lambda b: mk.route(L, 1, capacity_factor=0.0, backend=b)),
+    ("capacity_factor", lambda b: mk.route(L, 1, capacity_factor=float("nan"), backend=b)),
+    ("min_capacity", lambda b: mk.route(L, 1, capacity_factor=1.0, min_capacity=-1, backend=b)),
+    ("renormalize", lambda b: mk.route(L, 1, renormalize="yes", backend=b)),
 ]
 
 
 @pytest.mark.parametrize("arg,fn", ROUTE_CASES, ids=[f"{a}-{i}" for i, (a, _) in enumerate(ROUTE_CASES)])
-def test_route_errors(arg, fn):
-    msg = _raises(arg, fn)
+def test_route_errors(arg, fn, backend):
+    msg = _raises(arg, fn, backend)
     assert msg.startswith("moe_kernels.route")
 
 
@@ -57,91 +57,91 @@ def test_nan_message_says_where():
 
 TASK_W = torch.randn(3, 8, 4)
 TASK_CASES = [
-    ("router_weight", lambda: mk.task_route(X, torch.randn(3, 7, 4), 0, 1)),
-    ("router_weight", lambda: mk.task_route(X, TASK_W.double(), 0, 1)),
-    ("router_weight", lambda: mk.task_route(X, torch.randn(8, 4), 0, 1)),
-    ("task_ids", lambda: mk.task_route(X, TASK_W, 3, 1)),
-    ("task_ids", lambda: mk.task_route(X, TASK_W, -1, 1)),
-    ("task_ids", lambda: mk.task_route(X, TASK_W, torch.tensor([0, 1, 2, 3, 0, 0]), 1)),  # id 3 >= M
-    ("task_ids", lambda: mk.task_route(X, TASK_W, torch.tensor([0, 1]), 1)),  # wrong length
-    ("task_ids", lambda: mk.task_route(X, TASK_W, torch.zeros(6), 1)),  # float ids
-    ("router_weight", lambda: mk.task_route(X, torch.randn(3, 8, 4, device="meta"), 0, 1)),  # device
-    ("x", lambda: mk.task_route(torch.full((6, 8), float("nan")), TASK_W, 0, 1)),
+    ("router_weight", lambda b: mk.task_route(X, torch.randn(3, 7, 4), 0, 1, backend=b)),
+    ("router_weight", lambda b: mk.task_route(X, TASK_W.double(), 0, 1, backend=b)),
+    ("router_weight", lambda b: mk.task_route(X, torch.randn(8, 4), 0, 1, backend=b)),
+    ("task_ids", lambda b: mk.task_route(X, TASK_W, 3, 1, backend=b)),
+    ("task_ids", lambda b: mk.task_route(X, TASK_W, -1, 1, backend=b)),
+    ("task_ids", lambda b: mk.task_route(X, TASK_W, torch.tensor([0, 1, 2, 3, 0, 0]), 1, backend=b)),  # id 3 >= M
+    ("task_ids", lambda b: mk.task_route(X, TASK_W, torch.tensor([0, 1]), 1, backend=b)),  # wrong length
+    ("task_ids", lambda b: mk.task_route(X, TASK_W, torch.zeros(6), 1, backend=b)),  # float ids
+    ("router_weight", lambda b: mk.task_route(X, torch.randn(3, 8, 4, device="meta"), 0, 1, backend=b)),  # device
+    ("x", lambda b: mk.task_route(torch.full((6, 8), float("nan")), TASK_W, 0, 1, backend=b)),
 ]
 
 
 @pytest.mark.parametrize("arg,fn", TASK_CASES, ids=[f"{a}-{i}" for i, (a, _) in enumerate(TASK_CASES)])
-def test_task_route_errors(arg, fn):
-    _raises(arg, fn)
+def test_task_route_errors(arg, fn, backend):
+    _raises(arg, fn, backend)
 
 
 R = mk.route(L, 2)
 PERMUTE_CASES = [
-    ("x", lambda: mk.dispatch(torch.randn(5, 8), R)),  # T mismatch
-    ("x", lambda: mk.dispatch(torch.randn(8, 6).t(), R)),
-    ("x", lambda: mk.dispatch(torch.randn(6, 8, 1), R)),
-    ("routing", lambda: mk.dispatch(X, "plan")),
-    ("y", lambda: mk.combine(torch.randn(R.num_rows + 1, 8), R)),
-    ("weights", lambda: mk.combine(torch.randn(R.num_rows, 8), R, weights=torch.ones(6, 3))),
-    ("routing.slots", lambda: mk.dispatch(torch.randn(6, 8, device="meta"), R)),
-    ("routing.sources", lambda: mk.dispatch(X, R._replace(sources=R.sources + 7))),
-    ("routing.slots", lambda: mk.combine(torch.randn(R.num_rows, 8), R._replace(slots=R.slots + 100))),
+    ("x", lambda b: mk.dispatch(torch.randn(5, 8), R, backend=b)),  # T mismatch
+    ("x", lambda b: mk.dispatch(torch.randn(8, 6).t(), R, backend=b)),
+    ("x", lambda b: mk.dispatch(torch.randn(6, 8, 1), R, backend=b)),
+    ("routing", lambda b: mk.dispatch(X, "plan", backend=b)),
+    ("y", lambda b: mk.combine(torch.randn(R.num_rows + 1, 8), R, backend=b)),
+    ("weights", lambda b: mk.combine(torch.randn(R.num_rows, 8), R, weights=torch.ones(6, 3), backend=b)),
+    ("routing.slots", lambda b: mk.dispatch(torch.randn(6, 8, device="meta"), R, backend=b)),
+    ("routing.sources", lambda b: mk.dispatch(X, R._replace(sources=R.sources + 7), backend=b)),
+    ("routing.slots", lambda b: mk.combine(torch.randn(R.num_rows, 8), R._replace(slots=R.slots + 100), backend=b)),
 ]
 
 
 @pytest.mark.parametrize("arg,fn", PERMUTE_CASES, ids=[f"{a}-{i}" for i, (a, _) in enumerate(PERMUTE_CASES)])
-def test_permute_errors(arg, fn):
-    _raises(arg, fn)
+def test_permute_errors(arg, fn, backend):
+    _raises(arg, fn, backend)
 
 
 OFF = torch.tensor([0, 2, 5, 6], dtype=torch.int32)
 W = torch.randn(3, 8, 4)
 GROUPED_CASES = [
-    ("offsets", lambda: mk.grouped_gemm(X, OFF.long(), W)),
-    ("offsets", lambda: mk.grouped_gemm(X, OFF[:3], W)),  # E+1 mismatch
-    ("offsets", lambda: mk.grouped_gemm(X, torch.tensor([1, 2, 5, 6], dtype=torch.int32), W)),
-    ("offsets", lambda: mk.grouped_gemm(X, torch.tensor([0, 4, 2, 6], dtype=torch.int32), W)),
-    ("offsets", lambda: mk.grouped_gemm(X, torch.tensor([0, 2, 5, 9], dtype=torch.int32), W)),
-    ("w", lambda: mk.grouped_gemm(X, OFF, torch.randn(3, 7, 4))),
-    ("w", lambda: mk.grouped_gemm(X, OFF, W.double())),
-    ("w", lambda: mk.grouped_gemm(X, OFF, torch.randn(3, 8, 4, device="meta"))),
-    ("w1", lambda: mk.grouped_mlp(X, OFF, torch.randn(3, 8, 5), torch.randn(3, 4, 8))),
-    ("w1", lambda: mk.grouped_mlp(X, OFF, torch.randn(3, 8, 4), torch.randn(3, 4, 8), "swiglu")),
-    ("w2", lambda: mk.grouped_mlp(X, OFF, torch.randn(3, 8, 4), torch.randn(2, 4, 8))),
-    ("b1", lambda: mk.grouped_mlp(X, OFF, torch.randn(3, 8, 4), torch.randn(3, 4, 8), b1=torch.randn(3, 5))),
-    ("activation", lambda: mk.grouped_mlp(X, OFF, torch.randn(3, 8, 4), torch.randn(3, 4, 8), "tanh")),
-    ("w1", lambda: mk.moe_mlp(X, R, torch.randn(3, 8, 4), torch.randn(3, 4, 8))),  # 3 experts vs 4
-    ("routing.topk_weights", lambda: mk.moe_mlp(X, R._replace(topk_weights=R.topk_weights[:, :1].contiguous()),
-                                                torch.randn(4, 8, 4), torch.randn(4, 4, 8))),
-    ("x", lambda: mk.moe_mlp(X[:-1], R, torch.randn(4, 8, 4), torch.randn(4, 4, 8))),  # T mismatch
-    ("routing", lambda: mk.moe_mlp(X, "not a routing", torch.randn(4, 8, 4), torch.randn(4, 4, 8))),
+    ("offsets", lambda b: mk.grouped_gemm(X, OFF.long(), W, backend=b)),
+    ("offsets", lambda b: mk.grouped_gemm(X, OFF[:3], W, backend=b)),  # E+1 mismatch
+    ("offsets", lambda b: mk.grouped_gemm(X, torch.tensor([1, 2, 5, 6], dtype=torch.int32), W, backend=b)),
+    ("offsets", lambda b: mk.grouped_gemm(X, torch.tensor([0, 4, 2, 6], dtype=torch.int32), W, backend=b)),
+    ("offsets", lambda b: mk.grouped_gemm(X, torch.tensor([0, 2, 5, 9], dtype=torch.int32), W, backend=b)),
+    ("w", lambda b: mk.grouped_gemm(X, OFF, torch.randn(3, 7, 4), backend=b)),
+    ("w", lambda b: mk.grouped_gemm(X, OFF, W.double(), backend=b)),
+    ("w", lambda b: mk.grouped_gemm(X, OFF, torch.randn(3, 8, 4, device="meta"), backend=b)),
+    ("w1", lambda b: mk.grouped_mlp(X, OFF, torch.randn(3, 8, 5), torch.randn(3, 4, 8), backend=b)),
+    ("w1", lambda b: mk.grouped_mlp(X, OFF, torch.randn(3, 8, 4), torch.randn(3, 4, 8), "swiglu", backend=b)),
+    ("w2", lambda b: mk.grouped_mlp(X, OFF, torch.randn(3, 8, 4), torch.randn(2, 4, 8), backend=b)),
+    ("b1", lambda b: mk.grouped_mlp(X, OFF, torch.randn(3, 8, 4), torch.randn(3, 4, 8), b1=torch.randn(3, 5), backend=b)),
+    ("activation", lambda b: mk.grouped_mlp(X, OFF, torch.randn(3, 8, 4), torch.randn(3, 4, 8), "tanh", backend=b)),
+    ("w1", lambda b: mk.moe_mlp(X, R, torch.randn(3, 8, 4), torch.randn(3, 4, 8), backend=b)),  # 3 experts vs 4
+    ("routing.topk_weights", lambda b: mk.moe_mlp(X, R._replace(topk_weights=R.topk_weights[:, :1].contiguous()),
+                                                torch.randn(4, 8, 4), torch.randn(4, 4, 8), backend=b)),
+    ("x", lambda b: mk.moe_mlp(X[:-1], R, torch.randn(4, 8, 4), torch.randn(4, 4, 8), backend=b)),  # T mismatch
+    ("routing", lambda b: mk.moe_mlp(X, "not a routing", torch.randn(4, 8, 4), torch.randn(4, 4, 8), backend=b)),
 ]
 
 
 @pytest.mark.parametrize("arg,fn", GROUPED_CASES, ids=[f"{a}-{i}" for i, (a, _) in enumerate(GROUPED_CASES)])
-def test_grouped_errors(arg, fn):
-    _raises(arg, fn)
+def test_grouped_errors(arg, fn, backend):
+    _raises(arg, fn, backend)
 
 
 M = torch.randn(5, 3)
 RECONCILE_CASES = [
-    ("weights", lambda: mk.reconcile(M, [torch.randn(5, 2)], [])),
-    ("weights[0]", lambda: mk.reconcile(M, [torch.randn(5, 2)], [torch.randn(3, 3)])),
-    ("aux[0]", lambda: mk.reconcile(M, [torch.randn(4, 2)], [torch.randn(2, 3)])),
-    ("aux[0]", lambda: mk.reconcile(M, [torch.randn(5, 2).double()], [torch.randn(2, 3)])),
-    ("bias[0]", lambda: mk.reconcile(M, [torch.randn(5, 2)], [torch.randn(2, 3)], [torch.randn(4)])),
-    ("bias", lambda: mk.reconcile(M, [torch.randn(5, 2)], [torch.randn(2, 3)], [])),
-    ("activation", lambda: mk.reconcile(M, [torch.randn(5, 2)], [torch.randn(2, 3)], activation="tanh")),
-    ("main", lambda: mk.reconcile(torch.randn(3), [], [])),
+    ("weights", lambda b: mk.reconcile(M, [torch.randn(5, 2)], [], backend=b)),
+    ("weights[0]", lambda b: mk.reconcile(M, [torch.randn(5, 2)], [torch.randn(3, 3)], backend=b)),
+    ("aux[0]", lambda b: mk.reconcile(M, [torch.randn(4, 2)], [torch.randn(2, 3)], backend=b)),
+    ("aux[0]", lambda b: mk.reconcile(M, [torch.randn(5, 2).double()], [torch.randn(2, 3)], backend=b)),
+    ("bias[0]", lambda b: mk.reconcile(M, [torch.randn(5, 2)], [torch.randn(2, 3)], [torch.randn(4)], backend=b)),
+    ("bias", lambda b: mk.reconcile(M, [torch.randn(5, 2)], [torch.randn(2, 3)], [], backend=b)),
+    ("activation", lambda b: mk.reconcile(M, [torch.randn(5, 2)], [torch.randn(2, 3)], activation="tanh", backend=b)),
+    ("main", lambda b: mk.reconcile(torch.randn(3), [], [], backend=b)),
 ]
 
 
 @pytest.mark.parametrize("arg,fn", RECONCILE_CASES, ids=[f"{a}-{i}" for i, (a, _) in enumerate(RECONCILE_CASES)])
-def test_reconcile_errors(arg, fn):
-    _raises(arg, fn)
+def test_reconcile_errors(arg, fn, backend):
+    _raises(arg, fn, backend)
 
 
-def test_loss_and_module_errors():
+def test_loss_and_module_errors(backend):
     _raises("routing", mk.load_balancing_loss, torch.randn(6, 5), R)
     _raises("task_ids", mk.mutual_information_loss, torch.rand(6, 4), torch.tensor([0, 1, 2, 0, 1, 9]), 3)
     _raises("num_tasks", mk.mutual_information_loss, torch.rand(6, 4), 0, 0)
@@ -149,20 +149,20 @@ def test_loss_and_module_errors():
     _raises("probs", mk.mutual_information_loss, torch.tensor([[float("nan"), 1.0]]), 0, 1)
     _raises("k", mk.nn.MoE, 8, 8, 4, 5)
     _raises("capacity", mk.nn.MoE, 8, 8, 4, 2, capacity=0)
-    layer = mk.nn.MoE(8, 8, 4, 2, num_tasks=2)
+    layer = mk.nn.MoE(8, 8, 4, 2, num_tasks=2, backend=backend)
     _raises("task_ids", layer, X)
     _raises("task_ids", layer, X, torch.zeros(5, dtype=torch.long))
     _raises("x", layer, torch.randn(6, 7))
-    _raises("task_ids", mk.nn.MoE(8, 8, 4, 2), X, 1)
+    _raises("task_ids", mk.nn.MoE(8, 8, 4, 2, backend=backend), X, 1)
 
 
-def test_bad_input_changes_nothing():
+def test_bad_input_changes_nothing(backend):
     mi = mk.nn.MutualInformationLoss(3, 4)
     before = mi.joint.clone()
     _raises("task_ids", mi, torch.rand(6, 4), torch.tensor([0, 1, 2, 0, 1, 5]))
     _raises("probs", mi, torch.tensor([[float("nan"), 1.0, 0.0, 0.0]]), 0)
     assert torch.equal(mi.joint, before), "the EMA buffer must be untouched by a rejected call"
-    layer = mk.nn.MoE(8, 8, 4, 2, num_tasks=3)
+    layer = mk.nn.MoE(8, 8, 4, 2, num_tasks=3, backend=backend)
     params = [p.clone() for p in layer.parameters()]
     buf = layer.mutual_information.joint.clone()
     _raises("task_ids", layer, X, torch.tensor([0, 1, 2, 3, 0, 0]))
