@@ -94,9 +94,10 @@ setup(
     packages=find_packages(include=["moe_kernels", "moe_kernels.*"]),
     package_data={"moe_kernels": [BUILD.AOT_STAMP]},
     # a lower bound only: an installed torch satisfies it, so pip never fetches one
-    install_requires=["torch>=2.4", "ninja"],  # ninja: the JIT build of the C++ kernels
+    # ninja: the JIT build of the C++ kernels; numpy: torch warns "Failed to initialize NumPy" without it
+    install_requires=["torch>=2.4", "ninja", "numpy"],
     extras_require={
-        "test": ["pytest>=7", "pytest-benchmark>=4"],
+        "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6"],
         "bench": ["pytest-benchmark>=4"],
     },
     entry_points={"console_scripts": ["moe-kernels=moe_kernels.cli:main"]},

@@ -33,3 +33,13 @@ def test_demo_trains_and_prints_usage(capsys):
     for row in rows:
         final, first = row.rsplit(" ", 2)[-2:]
         assert float(final) < float(first.strip("()"))
+
+
+def test_demo_first_run_is_quiet():
+    """A newcomer's first run: no NumPy warning, no fallback warning (the mutual-information losses
+    run on the reference by design, not as a fallback)."""
+    res = subprocess.run([sys.executable, "-W", "default", "-m", "moe_kernels", "demo", "--steps", "3",
+                          "--no-bench"], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    noisy = [ln for ln in res.stderr.splitlines() if "Warning" in ln or "NumPy" in ln or "fall" in ln]
+    assert not noisy, res.stderr
