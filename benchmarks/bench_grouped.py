@@ -3,7 +3,7 @@
     pytest benchmarks/bench_grouped.py --benchmark-only [--quick] [--backend auto|reference|cpu|...]
 
 Rows: N = T*k rows grouped by expert with the segment sizes of a real top-k routing of T tokens
-(uneven, as in training); weights [E, a, b].
+(uneven, as in training); weights [E, a, b]. T, d, h, E, k: configs A, B, C of benchmarks/shapes.json.
 
 Candidates, per op (gemm: x @ w[e]; mlp: gelu(x @ w1[e]) @ w2[e], exact erf gelu, no biases):
   moe_kernels  mk.grouped_gemm / mk.grouped_mlp on the chosen backend (one autograd node).

@@ -2,12 +2,13 @@
 
     pytest benchmarks/bench_losses.py --benchmark-only [--quick] [--backend auto|reference|cpu|...]
 
-Inputs are the router logits [T, E] of the benchmark shapes (A, B, C). Candidates per loss:
+Inputs are the router logits [T, E] of the benchmark shapes (A, B, C); shapes and M (section
+``losses``) from benchmarks/shapes.json. Candidates per loss:
   moe_kernels  the library op on the chosen backend.
   torch_eager  the formula written plainly (autograd does the backward):
     load_balancing: E * sum_e f_e * mean_t softmax(logits)_te, f_e = share of the T*k top-k picks
     z_loss:         mean_t logsumexp(logits_t)^2
-    mutual_information (batch form, M = 3 tasks, probs = softmax scores):
+    mutual_information (batch form, M tasks, probs = softmax scores):
         P(E|D_i) = per-task sums normalised; P(D_i) = 1/M; J = P(D, E) = P(E|D) / M;
         L = -sum J log J + sum P(D) log P(D) + sum P(E) log P(E)
 Backward: d loss / d logits (d probs for the mutual-information loss).
@@ -24,7 +25,6 @@ import moe_kernels as mk
 
 SCRIPT = "bench_losses"
 CANDIDATES = ("moe_kernels", "torch_eager")
-NUM_TASKS = 3
 
 
 def make_cases(quick):
@@ -55,12 +55,13 @@ class Inputs:
         c, dev, dt = case.cfg, ctx.device, case.dtype
         self.loss = case.variant
         self.E = c.E
+        self.M = M = harness.shapes("losses", ctx.quick)["tasks"]
         self.logits = harness.randn(c.T, c.E, dtype=dt, device=dev, seed=61, requires_grad=True)
         self.routing = mk.route(self.logits.detach(), c.k, backend=ctx.backend)
         self.probs = torch.softmax(self.logits.detach().float(), -1).to(dt).requires_grad_(True)
         g = torch.Generator().manual_seed(62)
-        self.task_ids = torch.randint(0, NUM_TASKS, (c.T,), generator=g).to(dev)
-        self.task_ids[:NUM_TASKS] = torch.arange(NUM_TASKS)  # every task present
+        self.task_ids = torch.randint(0, M, (c.T,), generator=g).to(dev)
+        self.task_ids[:M] = torch.arange(M)  # every task present
         self.one = torch.ones((), dtype=torch.float32, device=dev)
         self.leaf = self.probs if self.loss == "mutual_information" else self.logits
 
@@ -70,8 +71,8 @@ class Inputs:
                     lambda: eager_load_balancing(self.logits, self.routing.topk_ids, self.E))
         if self.loss == "z_loss":
             return (lambda: mk.z_loss(self.logits, backend=backend), lambda: eager_z_loss(self.logits))
-        return (lambda: mk.mutual_information_loss(self.probs, self.task_ids, NUM_TASKS, backend=backend),
-                lambda: eager_mutual_information(self.probs, self.task_ids, NUM_TASKS))
+        return (lambda: mk.mutual_information_loss(self.probs, self.task_ids, self.M, backend=backend),
+                lambda: eager_mutual_information(self.probs, self.task_ids, self.M))
 
 
 def check(case, ctx):

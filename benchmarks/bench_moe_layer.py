@@ -4,6 +4,7 @@
     python benchmarks/bench_moe_layer.py --quick              # CI smoke run, tiny shapes (< 1 min)
     python benchmarks/bench_moe_layer.py --configs B --dtypes bf16 --candidates moe_kernels,dense,grouped
 
+Shapes: configs A, B, C of benchmarks/shapes.json (``--quick``: their tiny stand-ins there).
 Everything runs in one process and every cell of one (config, dtype) table comes from one
 round-robin timing (harness.time_candidates), so ratios within a table are comparable; numbers
 from two runs are not (see benchmarks/README.md).
@@ -604,7 +605,7 @@ def run_table(cfg: harness.Config, dtype: torch.dtype, args, device: torch.devic
     for m in harness.MODES:
         meds = [timings[n][m].median for n in BOUNDS if n in timings and timings[n][m].samples]
         best[m] = min(meds) if meds else None
-    # the issue's measure: peak activation memory, parameters and their gradients excluded. The
+    # activation memory: the peak without the parameters and their gradients. The
     # weight gradients are allocated during the measured backward and stay live, so subtract them
     # (leaves[0] is the input; its gradient is an activation gradient and stays counted).
     for name, mem in memory.items():
@@ -669,7 +670,7 @@ mode, measured in the same round-robin. `peak MiB` = peak live torch-allocated b
 forward+backward above the level at its start (activations, temporaries and the gradients it
 produces; parameters, inputs and output gradients made beforehand are excluded); `x dense` divides
 by the dense bound's peak. `act MiB` = the same peak less the bytes of the parameter gradients
-(issue 3's measure: activation memory, parameters and their gradients excluded; at E=64 the
+(activation memory: parameters and their gradients excluded; at E=64 the
 expert weight gradients alone are E times the dense MLP's). moe_kernels' cpu buffer pool is emptied
 before the measured step, so every pooled buffer it uses is allocated, and counted, in it. The bounds take T*k input rows, so their input gradient is k times
 larger than that of the layers taking T tokens. `check`: max error (relative to the largest
@@ -684,7 +685,8 @@ MLP, or a bound). Compare numbers only within one table of one run.
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--configs", default="A,B,C", help="comma-separated: A, B, C (default all)")
+    ap.add_argument("--configs", default=None,
+                    help="comma-separated names from benchmarks/shapes.json: A, B, C (default all)")
     ap.add_argument("--dtypes", default="fp32,bf16", help="comma-separated: fp32, bf16, fp16")
     ap.add_argument("--candidates", default=",".join(CANDIDATES),
                     help=f"comma-separated subset of: {', '.join(CANDIDATES)}")

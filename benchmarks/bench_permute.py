@@ -2,8 +2,8 @@
 
     pytest benchmarks/bench_permute.py --benchmark-only [--quick] [--backend auto|reference|cpu|...]
 
-Candidates (one round-robin comparison per case holds all of them, so the bandwidth baselines see
-the same machine state as the ops):
+Shapes: configs A, B, C of benchmarks/shapes.json. Candidates (one round-robin comparison per case
+holds all of them, so the bandwidth baselines see the same machine state as the ops):
   dispatch/moe_kernels   mk.dispatch(x, routing)                -> [N, d] expert-grouped rows
   dispatch/torch_eager   x.index_select(0, sources)             (autograd: index_add backward)
   combine/moe_kernels    mk.combine(y, routing, weights=w)      -> [T, d]

@@ -8,6 +8,7 @@ Candidates:
                 stable argsort of the expert ids (token order inside each expert), its inverse.
 Backward: the gradient of the gate weights back to the logits (the plan has none).
 Logits come from harness.distinct_logits (no ties), so both must pick the same experts exactly.
+Shapes: configs A, B, C of benchmarks/shapes.json.
 """
 
 from __future__ import annotations

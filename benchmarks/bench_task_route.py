@@ -3,9 +3,10 @@ the tasks.
 
     pytest benchmarks/bench_task_route.py --benchmark-only [--quick] [--backend auto|reference|cpu]
 
-Cases: the project's shapes A, B, C (T tokens of width d, E experts, top-k) with M = 4 routers
-([M, d, E]), in two variants: ``batch`` (one task for the whole batch, as on a SIMT rank) and
-``mixed`` (a task id per token, drawn uniformly).
+Cases: the project's shapes A, B, C (T tokens of width d, E experts, top-k) with M routers
+([M, d, E]; both from benchmarks/shapes.json, sections ``configs`` and ``task_route``), in two
+variants: ``batch`` (one task for the whole batch, as on a SIMT rank) and ``mixed`` (a task id per
+token, drawn uniformly).
 
 Candidates:
   moe_kernels    mk.task_route(x, router_weight, task_ids, k) on the chosen backend (dropless).
@@ -25,8 +26,6 @@ from bench_route import eager_route
 
 CANDIDATES = ("moe_kernels", "loop_mk_route", "loop_eager")
 SCRIPT = "bench_task_route"
-M = 4
-
 
 def make_cases(quick):
     return harness.cases(quick, variants=("batch", "mixed"))
@@ -34,6 +33,7 @@ def make_cases(quick):
 
 def _inputs(case, ctx):
     c = case.cfg
+    M = harness.shapes("task_route", ctx.quick)["routers"]
     x = harness.randn(c.T, c.d, dtype=case.dtype, device=ctx.device, seed=1, requires_grad=True)
     w = harness.randn(M, c.d, c.E, dtype=case.dtype, device=ctx.device, seed=2, scale=c.d ** -0.5,
                       requires_grad=True)

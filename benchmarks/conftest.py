@@ -2,7 +2,8 @@
 
 Run one script:  ``pytest benchmarks/bench_route.py --benchmark-only [--quick] [--backend NAME]``.
 
-Each script defines ``make_cases(quick)``, ``CANDIDATES`` (names) and ``build(case, ctx)`` (returns
+Each script defines ``make_cases(quick)`` (its shapes from ``benchmarks/shapes.json``, through
+``harness.shapes`` / ``harness.cases``), ``CANDIDATES`` (names) and ``build(case, ctx)`` (returns
 ``{name: harness.Candidate}`` after asserting correctness), and two kinds of tests:
 
 * ``test_<op>[case-candidate-mode]``: pytest-benchmark times one candidate in one mode

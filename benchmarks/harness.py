@@ -2,6 +2,9 @@
 
 What it gives a script:
 
+* :func:`shapes` -- the one reader of ``shapes.json``, where every benchmark shape lives (full and
+  ``--quick``, with a ``_doc`` per section saying what each shape is and where it comes from);
+  :func:`configs` / :func:`cases` build the MoE layer shapes A, B, C from it.
 * :class:`Candidate` -- one implementation of a computation: a ``forward`` that returns what
   ``backward`` consumes, plus an untimed ``reset`` run before every forward (drop ``.grad`` buffers,
   refill inputs). Inputs, output gradients and ``out=`` buffers are made once, outside the timed
@@ -74,17 +77,33 @@ class Config:
         return f"{self.name}: T={self.T} d={self.d} h={self.h} E={self.E} k={self.k}"
 
 
-# The project's three benchmark shapes, and tiny stand-ins with the same E and k for --quick.
-CONFIGS = {"A": Config("A", 12544, 384, 384, 12, 4), "B": Config("B", 4096, 768, 768, 12, 4),
-           "C": Config("C", 2048, 1024, 512, 64, 8)}
-QUICK_CONFIGS = {"A": Config("A-quick", 384, 48, 48, 12, 4), "B": Config("B-quick", 256, 64, 64, 12, 4),
-                 "C": Config("C-quick", 256, 64, 32, 64, 8)}
+SHAPES_FILE = BENCH_DIR / "shapes.json"
 
 
-def configs(quick: bool, names: str = "A,B,C") -> list:
-    table = QUICK_CONFIGS if quick else CONFIGS
+def shapes(section: str, quick: bool = False) -> Any:
+    """The shapes of one section of ``shapes.json``: its ``quick`` entry with ``quick`` (when the
+    section has one), else its ``full`` entry. Every benchmark script reads its shapes here."""
+    table = json.loads(SHAPES_FILE.read_text())
+    if section not in table or section.startswith("_"):
+        raise KeyError(f"{SHAPES_FILE} has no section {section!r}; it has "
+                       f"{sorted(k for k in table if not k.startswith('_'))}")
+    entry = table[section]
+    return entry["quick"] if quick and "quick" in entry else entry["full"]
+
+
+def shape_options(section: str, quick: bool = False) -> list:
+    """``shapes(section, quick)`` as command-line options ``--key value`` (lists comma-joined), for a
+    script whose options are named after the section's keys (bench_overhead.py)."""
+    return [arg for key, value in shapes(section, quick).items()
+            for arg in (f"--{key}", ",".join(map(str, value)) if isinstance(value, list) else str(value))]
+
+
+def configs(quick: bool, names: Optional[str] = None) -> list:
+    """The MoE layer shapes of ``shapes.json`` (section ``configs``) named in ``names`` ("A,C";
+    default all, in the file's order); the ``--quick`` ones are named ``A-quick``, ..."""
+    table = {n: Config(f"{n}-quick" if quick else n, **dims) for n, dims in shapes("configs", quick).items()}
     out = []
-    for n in names.split(","):
+    for n in (names.split(",") if names else table):
         n = n.strip()
         if n not in table:
             raise SystemExit(f"unknown config {n!r}; choose from {sorted(table)}")
@@ -109,7 +128,7 @@ class Case:
         return f"{self.cfg.name}-{self.dtype_name}" + (f"-{self.variant}" if self.variant else "")
 
 
-def cases(quick: bool, dtypes=("fp32", "bf16"), variants=("",), names: str = "A,B,C") -> list:
+def cases(quick: bool, dtypes=("fp32", "bf16"), variants=("",), names: Optional[str] = None) -> list:
     return [Case(cfg, DTYPES[dt], v) for cfg in configs(quick, names) for dt in dtypes for v in variants]
 
 

@@ -118,3 +118,19 @@ def test_write_results(tmp_path):
     data = json.loads(j.read_text())
     assert data["results"][0]["t"]["median_s"] == 1.5 and data["meta"]["command"] == meta["command"]
     assert "title" in m.read_text() and meta["machine"]["cpu_model"] in m.read_text()
+
+
+def test_shapes_file():
+    """shapes.json: every section documented, with full shapes; the --quick configs keep E and k,
+    are named <name>-quick and stay tiny (CI runs them)."""
+    table = json.loads(harness.SHAPES_FILE.read_text())
+    sections = [name for name in table if not name.startswith("_")]
+    assert all("_doc" in table[s] and "full" in table[s] for s in sections)
+    full, quick = harness.configs(False), harness.configs(True)
+    assert [q.name for q in quick] == [f"{f.name}-quick" for f in full]
+    assert all((q.E, q.k) == (f.E, f.k) and q.T * q.d <= 2 ** 15 for f, q in zip(full, quick))
+    assert harness.configs(True, "C,A") == [quick[2], quick[0]]
+    opts = harness.shape_options("overhead")
+    assert opts[::2] == [f"--{key}" for key in harness.shapes("overhead")]
+    with pytest.raises(KeyError, match="no section"):
+        harness.shapes("_doc")
