@@ -34,12 +34,15 @@ struct Segment {
   int64_t e, lo, n;
 };
 
+// The non-empty segments of offsets (any integer dtype), read in place (no conversion copy).
 std::vector<Segment> segments(const at::Tensor& offsets) {
-  const at::Tensor o = offsets.to(at::kLong).contiguous();
-  const int64_t* p = o.const_data_ptr<int64_t>();
+  const at::Tensor o = offsets.contiguous();
   std::vector<Segment> segs;
-  for (int64_t e = 0; e + 1 < o.numel(); ++e)
-    if (p[e + 1] > p[e]) segs.push_back({e, p[e], p[e + 1] - p[e]});
+  AT_DISPATCH_INTEGRAL_TYPES(o.scalar_type(), "moe_kernels_segments", [&] {
+    const scalar_t* p = o.const_data_ptr<scalar_t>();
+    for (int64_t e = 0; e + 1 < o.numel(); ++e)
+      if (p[e + 1] > p[e]) segs.push_back({e, static_cast<int64_t>(p[e]), static_cast<int64_t>(p[e + 1] - p[e])});
+  });
   return segs;
 }
 
@@ -49,7 +52,19 @@ int64_t max_rows(const std::vector<Segment>& segs) {
   return m;
 }
 
-int64_t used_rows(const at::Tensor& offsets) { return offsets[-1].item<int64_t>(); }
+// offsets[-1], read in place (offsets was checked: non-empty)
+int64_t used_rows(const at::Tensor& offsets) {
+  int64_t last = 0;
+  AT_DISPATCH_INTEGRAL_TYPES(offsets.scalar_type(), "moe_kernels_used_rows", [&] {
+    last = static_cast<int64_t>(offsets.const_data_ptr<scalar_t>()[offsets.numel() - 1]);
+  });
+  return last;
+}
+
+// zero the rows [used, t.size(0)) that no segment writes (no call at all when there are none)
+void zero_rows_from(at::Tensor& t, int64_t used) {
+  if (used < t.size(0)) t.narrow(0, used, t.size(0) - used).zero_();
+}
 
 // A per-expert gradient [E, ...] whose experts with rows are all overwritten by out= GEMMs: only the
 // experts without rows need zeros (zero-filling all of it cost 13% of a step at E=64). It comes from
@@ -130,8 +145,7 @@ void act_bwd(const at::Tensor& z, const at::Tensor& gh, std::string_view act, at
 at::Tensor grouped_gemm(const at::Tensor& x, const at::Tensor& offsets, const at::Tensor& w) {
   check_offsets(offsets, x.size(0), "grouped_gemm");
   at::Tensor out = workspace_empty({x.size(0), w.size(2)}, x.options());
-  const int64_t used = used_rows(offsets);
-  out.narrow(0, used, x.size(0) - used).zero_();
+  zero_rows_from(out, used_rows(offsets));
   for_each_segment(segments(offsets), no_scratch, [&](const Segment& s, int) {
     at::Tensor o = out.narrow(0, s.lo, s.n);
     at::mm_out(o, x.narrow(0, s.lo, s.n), w[s.e]);
@@ -147,8 +161,7 @@ std::tuple<at::Tensor, at::Tensor> grouped_gemm_backward(const at::Tensor& grad_
   const auto segs = segments(offsets);
   if (need_x) {
     gx = workspace_empty_like(x);
-    const int64_t used = used_rows(offsets);
-    gx.narrow(0, used, x.size(0) - used).zero_();
+    zero_rows_from(gx, used_rows(offsets));
   }
   if (need_w) gw = expert_grad_like(w, segs);  // experts without rows get zero gradient
   for_each_segment(segs, no_scratch, [&](const Segment& s, int) {
@@ -173,8 +186,8 @@ std::tuple<at::Tensor, at::Tensor> grouped_mlp(const at::Tensor& x, const at::Te
   at::Tensor out = workspace_empty({N, w2.size(2)}, x.options());
   at::Tensor z = workspace_empty({N, h1}, x.options());
   const int64_t used = used_rows(offsets);
-  out.narrow(0, used, N - used).zero_();
-  z.narrow(0, used, N - used).zero_();
+  zero_rows_from(out, used);
+  zero_rows_from(z, used);
   const auto segs = segments(offsets);
   const int64_t m = max_rows(segs);
   // scratch for the hidden activation: one per thread, reused by each expert it runs
@@ -197,8 +210,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> grouped_m
   check_offsets(offsets, x.size(0), "grouped_mlp_backward");  // a guard
   const int64_t N = x.size(0), h1 = w1.size(2), h = w2.size(1);
   at::Tensor gx = workspace_empty_like(x);
-  const int64_t used = used_rows(offsets);
-  gx.narrow(0, used, N - used).zero_();
+  zero_rows_from(gx, used_rows(offsets));
   const auto segs = segments(offsets);
   at::Tensor gw1 = expert_grad_like(w1, segs), gw2 = expert_grad_like(w2, segs);
   at::Tensor gb1 = b1 ? expert_grad_like(*b1, segs) : at::Tensor();
@@ -255,8 +267,7 @@ std::tuple<at::Tensor, at::Tensor> moe_mlp(const at::Tensor& x, const at::Tensor
   // z is saved for backward and y is a temporary: both pooled, so steps reuse their pages
   at::Tensor z = workspace_empty({N, h1}, x.options());
   at::Tensor y = workspace_empty({N, dout}, x.options());
-  const int64_t used = used_rows(offsets);
-  z.narrow(0, used, N - used).zero_();
+  zero_rows_from(z, used_rows(offsets));
   const auto segs = segments(offsets);
   const int64_t m = max_rows(segs);
   auto scratch = [&] {
@@ -291,7 +302,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const int64_t N = sources.size(0), d = x.size(1), h1 = w1.size(2), h = w2.size(1), dout = w2.size(2);
   const int k = static_cast<int>(slots.size(1));
   const auto acc = acc_type_of(x.scalar_type());
-  const at::Tensor w = weights.to(acc).contiguous();
+  const at::Tensor w = as_dtype(weights, acc).contiguous();
   const auto segs = segments(offsets);
   const std::vector<int64_t> inv = row_assignments(slots, N);
   at::Tensor gw1, gw2, gb1, gb2;
@@ -356,7 +367,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     }
   });
   at::Tensor gx = need_x ? gather_rows_sum(gxe, slots) : at::Tensor();
-  at::Tensor gweights = need_weights ? gate.to(weights.scalar_type()) : at::Tensor();
+  at::Tensor gweights = need_weights ? as_dtype(gate, weights.scalar_type()) : at::Tensor();
   return {gx, gweights, gw1, gw2, gb1, gb2};
 }
 

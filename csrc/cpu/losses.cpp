@@ -24,7 +24,7 @@ constexpr int64_t kLossBlocks = 64;  // fixed: results never depend on it, only 
 // f_e = (assignments chosen for e) / (T * k), from the [T, k] top-k ids
 template <typename acc_t>
 std::vector<acc_t> chosen_share(const at::Tensor& topk_ids, int64_t E) {
-  const at::Tensor ids = topk_ids.to(at::kLong).contiguous();
+  const at::Tensor ids = as_dtype(topk_ids, at::kLong).contiguous();
   const int64_t n = ids.numel();
   std::vector<int64_t> count(E, 0);
   const int64_t* ip = ids.const_data_ptr<int64_t>();
@@ -66,7 +66,8 @@ at::Tensor load_balancing_loss(const at::Tensor& logits, const at::Tensor& topk_
       for (int64_t b = 0; b < blocks.n; ++b) p += part[b * E + e];
       loss += f[e] * (p / static_cast<acc_t>(T));
     }
-    out = at::scalar_tensor(static_cast<double>(loss * static_cast<acc_t>(E)), logits.options().dtype(acc));
+    out = new_empty_cpu({}, acc);
+    *out.data_ptr<acc_t>() = loss * static_cast<acc_t>(E);
   });
   return out;
 }
@@ -117,7 +118,8 @@ at::Tensor z_loss(const at::Tensor& logits) {
     });
     acc_t sum = 0;
     for (int64_t b = 0; b < blocks.n; ++b) sum += part[b];
-    out = at::scalar_tensor(static_cast<double>(sum / static_cast<acc_t>(T)), logits.options().dtype(acc));
+    out = new_empty_cpu({}, acc);
+    *out.data_ptr<acc_t>() = sum / static_cast<acc_t>(T);
   });
   return out;
 }

@@ -9,6 +9,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/EmptyTensor.h>
 
 #include <cstdint>
 #include <optional>
@@ -22,6 +23,17 @@ namespace cpu {
 // Shared by the launchers: the accumulation dtype (fp64 for fp64 input, fp32 otherwise) and the
 // shape check on a [T, E] logits tensor.
 inline at::ScalarType acc_type_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// A new uninitialised CPU tensor straight from the CPU allocator: at::empty's CPU kernel without
+// the trip through the dispatcher (a few hundred ns per output, much of a small call's cost).
+inline at::Tensor new_empty_cpu(at::IntArrayRef sizes, at::ScalarType dtype) {
+  return at::detail::empty_cpu(sizes, dtype);
+}
+
+// t in dtype: t itself when it already is (no dispatcher call), else a converted copy
+inline at::Tensor as_dtype(const at::Tensor& t, at::ScalarType dtype) {
+  return t.scalar_type() == dtype ? t : t.to(dtype);
+}
 
 inline void check_logits(const at::Tensor& logits, const char* op) {
   TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous() && logits.device().is_cpu(), "moe_kernels cpu ",

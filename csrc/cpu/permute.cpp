@@ -95,7 +95,7 @@ at::Tensor dispatch_backward(const at::Tensor& grad_out, const at::Tensor& slots
 at::Tensor combine_rows(const at::Tensor& y, const at::Tensor& weights, const at::Tensor& slots) {
   check_rows(y, "y");
   TORCH_CHECK(weights.numel() == slots.numel(), "moe_kernels cpu combine: weights must have the shape of slots");
-  const at::Tensor w = weights.to(acc_type_of(y.scalar_type())).contiguous();
+  const at::Tensor w = as_dtype(weights, acc_type_of(y.scalar_type())).contiguous();
   at::Tensor out = workspace_empty({slots.size(0), y.size(1)}, y.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "moe_kernels_combine", [&] {
     if (y.scalar_type() == at::kDouble)
@@ -123,7 +123,7 @@ std::tuple<at::Tensor, at::Tensor> combine_backward(const at::Tensor& grad_out, 
   check_index_range(slots, N, "combine_backward", "slots", true);  // a guard
   const int k = static_cast<int>(slots.size(1));
   const auto acc = acc_type_of(y.scalar_type());
-  const at::Tensor w = weights.to(acc).contiguous();
+  const at::Tensor w = as_dtype(weights, acc).contiguous();
   at::Tensor gy, gw;
   const int32_t* sp = slots.const_data_ptr<int32_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "moe_kernels_combine_bwd", [&] {
@@ -140,13 +140,13 @@ std::tuple<at::Tensor, at::Tensor> combine_backward(const at::Tensor& grad_out, 
         });
       }
       if (need_w) {
-        at::Tensor gacc = at::empty({T, k}, w.options());
+        at::Tensor gacc = new_empty_cpu({T, k}, w.scalar_type());
         acc_t* gwp = gacc.data_ptr<acc_t>();
         const scalar_t* yp = y.const_data_ptr<scalar_t>();
         at::parallel_for(0, T, grain(d * k, sizeof(scalar_t)), [&](int64_t t0, int64_t t1) {
           run_isa([&] { kernels::weight_grad_rows<scalar_t, acc_t, acc_t>(gp, yp, sp, t0, t1, k, d, gwp); });
         });
-        gw = gacc.to(weights.scalar_type());
+        gw = as_dtype(gacc, weights.scalar_type());
       }
     };
     if (acc == at::kDouble)

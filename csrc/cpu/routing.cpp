@@ -14,6 +14,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <atomic>
 #include <limits>
 #include <optional>
@@ -142,12 +143,11 @@ RouteOut route_impl(const at::Tensor& logits, int64_t k, std::string_view score,
   const bool softmax = score == "softmax";
   const bool by_score = capacity >= 0 && drop_policy == "score";
 
-  const auto i32 = logits.options().dtype(at::kInt);
-  const auto acc_opts = logits.options().dtype(acc_type);
-  at::Tensor ids = at::empty({T, k}, i32);
-  at::Tensor weights = at::empty({T, k}, acc_opts);
-  at::Tensor counts = at::empty({E}, i32), offsets = at::empty({E + 1}, i32);
-  at::Tensor slots = at::empty({T, k}, i32), sources = at::full({num_rows}, -1, i32);
+  at::Tensor ids = new_empty_cpu({T, k}, at::kInt);
+  at::Tensor weights = new_empty_cpu({T, k}, acc_type);
+  at::Tensor counts = new_empty_cpu({E}, at::kInt), offsets = new_empty_cpu({E + 1}, at::kInt);
+  at::Tensor slots = new_empty_cpu({T, k}, at::kInt), sources = new_empty_cpu({num_rows}, at::kInt);
+  std::fill_n(sources.data_ptr<int32_t>(), num_rows, -1);
   int64_t dropped = 0;
   std::atomic<bool> any_bad{false};
   // the non-finite tokens, for the "score" policy's priorities (the only consumer)
@@ -193,7 +193,9 @@ RouteOut route_impl(const at::Tensor& logits, int64_t k, std::string_view score,
                    static_cast<int>(k), E, capacity, by_score, pad_to, num_rows, counts.data_ptr<int32_t>(),
                    offsets.data_ptr<int32_t>(), slots.data_ptr<int32_t>(), sources.data_ptr<int32_t>(), &dropped);
   });
-  return {weights, ids, counts, offsets, slots, sources, at::scalar_tensor(dropped, at::kLong)};
+  at::Tensor num_dropped = new_empty_cpu({}, at::kLong);
+  *num_dropped.data_ptr<int64_t>() = dropped;
+  return {weights, ids, counts, offsets, slots, sources, num_dropped};
 }
 
 }  // namespace
@@ -222,8 +224,8 @@ at::Tensor route_backward(const at::Tensor& grad_weights, const at::Tensor& logi
                   grad_weights.size(1) == k && topk_ids.size(0) == T && topk_ids.scalar_type() == at::kInt,
               "moe_kernels cpu route_backward: bad grad_weights or topk_ids");
   check_index_range(topk_ids, E, "route_backward", "topk_ids");  // a guard: the ids index the logits' rows
-  const at::Tensor g = grad_weights.to(acc_type);
-  at::Tensor out = at::empty({T, E}, logits.options());
+  const at::Tensor g = as_dtype(grad_weights, acc_type);
+  at::Tensor out = new_empty_cpu({T, E}, logits.scalar_type());
   const bool softmax = score == "softmax";
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "moe_kernels_route_bwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;

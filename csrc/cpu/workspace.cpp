@@ -1,6 +1,8 @@
 // The CPU kernels' buffer pool (see workspace.h).
 #include "workspace.h"
 
+#include <ATen/EmptyTensor.h>
+
 #include <algorithm>
 #include <cstdlib>
 #include <mutex>
@@ -35,7 +37,9 @@ bool idle(const at::Tensor& buf) { return buf.unsafeGetTensorImpl()->storage().u
 at::Tensor workspace_empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
   const auto dtype = c10::typeMetaToScalarType(options.dtype());
   const int64_t bytes = c10::multiply_integers(sizes) * static_cast<int64_t>(c10::elementSize(dtype));
-  if (!enabled() || bytes < kMinBytes || !options.device().is_cpu()) return at::empty(sizes, options);
+  if (!options.device().is_cpu()) return at::empty(sizes, options);
+  // small buffers: straight from the CPU allocator (at::empty's CPU kernel, without the dispatcher)
+  if (!enabled() || bytes < kMinBytes) return at::detail::empty_cpu(sizes, dtype);
   const int64_t want = (bytes + kAlign - 1) / kAlign * kAlign;
   // The view is made under the lock: copying the pool's tensor handle does not count as a storage
   // reference, only the view does, so another thread would otherwise see the buffer as idle.
