@@ -1,7 +1,8 @@
 """Nothing may get slower: one benchmark run alternately in two checkouts, compared cell by cell.
 
-    python benchmarks/compare_revisions.py --base /work/base_f15fb29 --rounds 3 -- bench_overhead.py --reps 5
-    python benchmarks/compare_revisions.py --base /work/base_f15fb29 -- bench_moe_layer.py --quick \\
+    git worktree add --detach ../moe_kernels-base f15fb29
+    python benchmarks/compare_revisions.py --base ../moe_kernels-base --rounds 3 -- bench_overhead.py --reps 5
+    python benchmarks/compare_revisions.py --base ../moe_kernels-base -- bench_moe_layer.py --quick \\
         --candidates moe_kernels,dense,grouped
 
 SCRIPT (a file of ``benchmarks/``) runs with ARGS in the base checkout (``--base``, another revision)

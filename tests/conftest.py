@@ -60,3 +60,48 @@ def fast_backend(request) -> str:
     if request.param == "<none>":
         pytest.skip("no backend besides the reference serves cpu tensors")
     return use_backend(request.param)
+
+
+#: a build of DeepSpeed's JIT ops that is not done after this long was killed: its lock file is stale
+STALE_BUILD_LOCK_S = 15 * 60
+
+
+@pytest.fixture(scope="session")
+def deepspeed_ops():
+    """DeepSpeed's CPU communication op, built once, before any test starts DeepSpeed processes.
+
+    Every process that initialises ``deepspeed.comm`` on CPU JIT-builds ``deepspeed_shm_comm`` (about a
+    minute on 2 cores) under one lock file in ``$TORCH_EXTENSIONS_DIR``. Two ranks racing for it make a
+    test's time depend on who wins, and a build killed with its test (a timeout) leaves the lock file
+    behind, on which every later process waits forever. So the tests use a directory of their own
+    (beside the library's JIT cache, so it is reused between runs), drop a lock file older than any
+    build, and build the op here, in the test process; the ranks inherit the directory and load it.
+    """
+    import time
+    from pathlib import Path
+
+    from moe_kernels import _build
+
+    pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (bash scripts/setup.sh test)")
+    root = _build.cache_dir() / "torch_extensions"
+    root.mkdir(parents=True, exist_ok=True)
+    for lock in Path(root).glob("*/lock"):
+        age = time.time() - lock.stat().st_mtime
+        if age > STALE_BUILD_LOCK_S:
+            print(f"conftest: removing the stale build lock {lock} ({age / 60:.0f} min old)")
+            lock.unlink(missing_ok=True)
+    before = os.environ.get("TORCH_EXTENSIONS_DIR")
+    os.environ["TORCH_EXTENSIONS_DIR"] = str(root)
+    try:
+        import deepspeed.ops
+        from deepspeed.accelerator import get_accelerator
+
+        builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+        if builder is not None and deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+            builder.load(verbose=False)  # as deepspeed.comm does it
+        yield str(root)
+    finally:
+        if before is None:
+            os.environ.pop("TORCH_EXTENSIONS_DIR", None)
+        else:
+            os.environ["TORCH_EXTENSIONS_DIR"] = before

@@ -377,7 +377,7 @@ def _reference_training(clip: float = 0.0):
 
 
 @pytest.fixture(scope="module")
-def engine_runs():
+def engine_runs(deepspeed_ops):
     return run_processes(_train_child, W, backend=None, timeout=600)
 
 
@@ -448,7 +448,7 @@ def _checkpoint_child(rank, world, ckpt_dir):
 
 
 @pytest.mark.distributed
-def test_checkpoint_resume_continues_with_the_same_losses(tmp_path):
+def test_checkpoint_resume_continues_with_the_same_losses(tmp_path, deepspeed_ops):
     out = run_processes(_checkpoint_child, W, args=(str(tmp_path),), backend=None, timeout=600)
     for rank in range(W):
         assert out[rank]["steps"] == 20

@@ -48,6 +48,8 @@ _lib = None  # the torch.library.Library that holds the fake registrations
 
 #: Operators without tensor arguments (registered catch-all; they need no fake).
 NO_TENSOR_OPS = ("workspace_bytes", "workspace_release")
+#: written into a JIT cache entry after its build loaded: the entry is complete
+BUILT_STAMP = "built"
 
 
 def load() -> tuple[bool, str]:
@@ -168,13 +170,21 @@ def _jit_build() -> tuple[str | None, str]:
     tag = _build.source_digest(root, with_cuda=with_cuda)
     build = _build.cache_dir() / f"torch{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}-{tag}"
     build.mkdir(parents=True, exist_ok=True)
+    name = f"{_build.NAMESPACE}_{tag}"
+    library, built = build / f"{name}.so", build / BUILT_STAMP
+    if built.is_file() and library.is_file():
+        # the entry is named by the digest of everything that goes into it, and the stamp is written only
+        # after a build that loaded: load it as it is, without torch's build lock (a lock left by a build
+        # killed midway would make every later process wait on it forever) or a ninja run
+        torch.ops.load_library(str(library))
+        return f"JIT-built with ninja, cached in {build}", ""
     if not any(build.glob("*.so")):
         print(f"moe_kernels: building the C++ kernels (first use, about a minute; cached in {build})",
               file=sys.stderr, flush=True)
     cflags, ldflags = _build.flags()
     try:
         cpp_extension.load(
-            name=f"{_build.NAMESPACE}_{tag}", sources=[str(s) for s in _build.sources(root, with_cuda)],
+            name=name, sources=[str(s) for s in _build.sources(root, with_cuda)],
             extra_cflags=cflags, extra_ldflags=ldflags, extra_include_paths=[str(root)],
             extra_cuda_cflags=_build.NVCC_FLAGS if with_cuda else None,
             build_directory=str(build), verbose=os.environ.get("MOE_KERNELS_VERBOSE_BUILD") == "1",
@@ -185,6 +195,7 @@ def _jit_build() -> tuple[str | None, str]:
         shown = (errors or lines)[:3]
         return None, (f"the JIT build in {build} failed: {' | '.join(shown)} "
                       "(MOE_KERNELS_VERBOSE_BUILD=1 shows the compiler output)")
+    built.write_text(f"{name}.so\n")
     return f"JIT-built with ninja, cached in {build}", ""
 
 

@@ -8,6 +8,7 @@ and a job that runs past ``timeout`` is killed and reported, so nothing hangs.
 from __future__ import annotations
 
 import datetime
+import faulthandler
 import os
 import pickle
 import queue as queue_mod
@@ -36,6 +37,9 @@ def _worker(fn, rank, world_size, port, backend, args, env, threads, timeout, re
                            "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
                            "LOCAL_WORLD_SIZE": str(world_size)})
         os.environ.update(env or {})
+        # a hang shows where it is: shortly before the parent gives up, every thread's stack goes to
+        # this process's stderr (the parent's, inherited)
+        faulthandler.dump_traceback_later(max(timeout - 10.0, 1.0), exit=False)
         import torch
         import torch.distributed as dist
         if threads:
@@ -53,8 +57,10 @@ def _worker(fn, rank, world_size, port, backend, args, env, threads, timeout, re
                     pass
         # pickled here by value: a tensor put on the queue as-is travels as a shared-memory handle that
         # dies with this process
+        faulthandler.cancel_dump_traceback_later()
         results.put((rank, "ok", pickle.dumps(out)))
     except BaseException:  # report everything, including SystemExit and KeyboardInterrupt
+        faulthandler.cancel_dump_traceback_later()
         results.put((rank, "error", traceback.format_exc()))
 
 
@@ -114,7 +120,8 @@ def run_processes(fn: Callable[..., Any], nprocs: int = 2, *, args: Sequence = (
         while len(out) < nprocs and failure is None:
             left = deadline - time.monotonic()
             if left <= 0:
-                failure = f"timed out after {timeout:.0f} s; ranks that finished: {sorted(out)}"
+                failure = (f"timed out after {timeout:.0f} s; ranks that finished: {sorted(out)} (each "
+                           "unfinished rank printed its stack to stderr 10 s before)")
                 break
             try:
                 rank, status, value = results.get(timeout=min(left, 1.0))
