@@ -55,6 +55,28 @@ def test_moe_layer_step_makes_no_host_sync(name, how, fast_backend):
     assert syncs.count == 0, syncs.report()
 
 
+@pytest.mark.parametrize("name", ["capacity_pad", "tasks_ema"])
+def test_sync_free_step_compiles_to_one_graph(name, fast_backend):
+    """What sync-free is for: under that policy the layer's step traces with fullgraph=True (a value
+    read would be a graph break) and gives the eager step's outputs and gradients."""
+    import copy
+
+    opts = LAYERS[name]
+    layer = _layer(opts, fast_backend)
+    twin = copy.deepcopy(layer)
+    x = torch.randn(2, 5, 12)
+    tasks = _tasks(opts, "tokens")
+    with mk.value_checks(False):
+        x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+        o1 = _step(layer, x1, tasks)
+        torch._dynamo.reset()
+        o2 = _step(torch.compile(twin, fullgraph=True), x2, tasks)
+    torch.testing.assert_close(o2.output, o1.output, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(x2.grad, x1.grad, rtol=1e-5, atol=1e-6)
+    for (n, p1), p2 in zip(layer.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(p2.grad, p1.grad, rtol=1e-5, atol=1e-6, msg=n)
+
+
 def test_tasks_seeing_different_experts_make_no_host_sync(fast_backend):
     layer = _layer(dict(num_tasks=2), fast_backend)
     mk.adapt.add_experts(layer, 2)  # the new task sees 7 experts, the old ones 5

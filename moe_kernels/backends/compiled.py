@@ -68,14 +68,8 @@ def loaded() -> bool:
 
 
 def workspace_bytes() -> int:
-    """Bytes held by the CPU kernels' buffer pool, idle or in use (0 when the library is not loaded).
-
-    The fused ``moe_mlp`` takes its large buffers (the saved pre-activation, scratch and the expert
-    weight gradients) from a pool that reuses a buffer once nothing else references it, so steps do
-    not pay first-touch page faults on fresh memory. The pool keeps its idle buffers between steps
-    (as ``zero_grad(set_to_none=False)`` keeps gradients); :func:`empty_cache` frees them and
-    ``MOE_KERNELS_CPU_WORKSPACE=0`` turns the pool off.
-    """
+    """Bytes held by the compiled kernels' buffer pool, 0 when not loaded (the user-facing one, with
+    what the pool is for, is :func:`moe_kernels.backends.cpu.workspace_bytes`)."""
     return int(torch.ops.moe_kernels_C.workspace_bytes.default()) if loaded() else 0
 
 
