@@ -170,8 +170,11 @@ def _jit_build() -> tuple[str | None, str]:
         # the entry is named by the digest of everything that goes into it, and the stamp is written only
         # after a build that loaded: load it as it is, without torch's build lock (a lock left by a build
         # killed midway would make every later process wait on it forever) or a ninja run
-        torch.ops.load_library(str(library))
-        return f"JIT-built with ninja, cached in {build}", ""
+        try:
+            torch.ops.load_library(str(library))
+            return f"JIT-built with ninja, cached in {build}", ""
+        except OSError:  # damaged since: build it again
+            built.unlink(missing_ok=True)
     if not any(build.glob("*.so")):
         print(f"moe_kernels: building the C++ kernels (first use, about a minute; cached in {build})",
               file=sys.stderr, flush=True)

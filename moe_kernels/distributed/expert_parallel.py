@@ -23,8 +23,7 @@ factor, and not at all when an explicit ``capacity`` is given.
 
 from __future__ import annotations
 
-import math
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F

@@ -39,7 +39,7 @@ def _worker(fn, rank, world_size, port, backend, args, env, threads, timeout, re
         os.environ.update(env or {})
         # a hang shows where it is: shortly before the parent gives up, every thread's stack goes to
         # this process's stderr (the parent's, inherited)
-        faulthandler.dump_traceback_later(max(timeout - 10.0, 1.0), exit=False)
+        faulthandler.dump_traceback_later(max(timeout - 10.0, 0.9 * timeout), exit=False)
         import torch
         import torch.distributed as dist
         if threads:
@@ -121,7 +121,7 @@ def run_processes(fn: Callable[..., Any], nprocs: int = 2, *, args: Sequence = (
             left = deadline - time.monotonic()
             if left <= 0:
                 failure = (f"timed out after {timeout:.0f} s; ranks that finished: {sorted(out)} (each "
-                           "unfinished rank printed its stack to stderr 10 s before)")
+                           "unfinished rank printed its stack to stderr shortly before)")
                 break
             try:
                 rank, status, value = results.get(timeout=min(left, 1.0))
