@@ -91,7 +91,10 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.9",
-    packages=find_packages(include=["moe_kernels", "moe_kernels.*"]),
+    # the recipes (python/moe_recipes) install with the library, so `moe-kernels pretrain` finds them
+    packages=find_packages(include=["moe_kernels", "moe_kernels.*"])
+    + find_packages("python", include=["moe_recipes", "moe_recipes.*"]),
+    package_dir={"moe_recipes": "python/moe_recipes"},
     package_data={"moe_kernels": [BUILD.AOT_STAMP]},
     # a lower bound only: an installed torch satisfies it, so pip never fetches one
     # ninja: the JIT build of the C++ kernels; numpy: torch warns "Failed to initialize NumPy" without it
