@@ -102,6 +102,8 @@ setup(
     extras_require={
         "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6"],
         "bench": ["pytest-benchmark>=4"],
+        # the recipes' real-data loaders (moe_recipes.data.folders); the built-in world needs neither
+        "recipes": ["pillow>=10", "pycocotools>=2.0.7"],
     },
     entry_points={"console_scripts": ["moe-kernels=moe_kernels.cli:main"]},
     ext_modules=ext_modules,

@@ -2,7 +2,8 @@
 # Set up moe_kernels from nothing in ./.venv (idempotent: a second run only checks).
 #
 #   bash scripts/setup.sh          # torch (CPU wheel) + moe_kernels, editable
-#   bash scripts/setup.sh test     # + pytest, pytest-benchmark, hypothesis and DeepSpeed (parity tests)
+#   bash scripts/setup.sh test     # + pytest, pytest-benchmark, hypothesis, DeepSpeed (parity tests) and
+#                                  #   the recipes' readers: Pillow (images), pycocotools (COCO masks)
 #   bash scripts/setup.sh bench    # + the benchmark peers: DeepSpeed, transformers, megatron-core
 #
 # torch is pinned (scripts/constraints.txt) and moe_kernels is installed without build isolation and
@@ -18,7 +19,8 @@ pip install -q torch==2.13.0
 pip install -q ninja==1.13.2 numpy==2.4.6  # ninja: JIT build of the C++ kernels; numpy: torch warns without it
 pip install -q --no-build-isolation --no-deps -e .
 case "${1:-}" in
-  test)  pip install -q "pytest>=7" "pytest-benchmark>=4" "hypothesis==6.170.17" "deepspeed==0.19.8" ;;
+  test)  pip install -q "pytest>=7" "pytest-benchmark>=4" "hypothesis==6.170.17" "deepspeed==0.19.8" \
+                        "pillow==13.0.0" "pycocotools==2.0.11" ;;
   bench) pip install -q "pytest>=7" "pytest-benchmark>=4" "hypothesis==6.170.17" "deepspeed==0.19.8" \
                         "transformers==5.23.0" "megatron-core==0.16.1" ;;
   "") ;;
