@@ -6,8 +6,8 @@ windows from mixing pixels that are not neighbours), and patch merging (2x2 -> o
 width) between stages, as in Swin (Liu et al., "Swin Transformer: Hierarchical Vision Transformer
 using Shifted Windows", arXiv:2103.14030). Grids that are not multiples of the window are padded.
 
-The MLP of a block is dense or a mixture of experts (MTHL, Chen et al., "Mod-Squad: Designing
-Mixtures of Experts As Modular Multi-Task Learners", and RECIPES.md 5.2): ``moe="every"`` (tiny/small)
+The MLP of a block is dense or a mixture of experts (MTHL: Chen et al., "An Efficient General-Purpose
+Modular Vision Model via Multi-Task Heterogeneous Training", arXiv:2306.17165; RECIPES.md 5.2): ``moe="every"`` (tiny/small)
 or ``"every_second"`` (base), ``num_experts`` experts of hidden size ``mlp_ratio * dim / k`` each
 (the dense MLP's hidden size divided by k, MTHL App. A2), one router per dataset
 (``num_tasks``) and the EMA mutual-information loss.
