@@ -341,9 +341,10 @@ class World:
         domains, a fine-grained one whose classes differ only in colour shade and texture, a
         long-tailed one with Zipf class weights), detection (three sources with nested label spaces
         of 3, 6 and 10 concepts, the largest with instance masks, plus a single-class small-object
-        source), segmentation (three contexts) and depth (two scales of objects). Downstream (held
-        out): per task type, one source near a pre-training source's domain and one near another's,
-        with label spaces of unseen concept combinations.
+        source), segmentation (three contexts) and depth (two scales of objects); images of
+        ``image_size`` px, one classification source 1.25x that. Downstream (held out): for cls, det
+        and seg one source near one pre-training source's domain and one near another's, for depth
+        one with a mixture of object scales; all with label spaces of unseen concept combinations.
         """
         S = image_size
 
