@@ -91,7 +91,7 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.9",
-    # the recipes (python/moe_recipes) install with the library, so `moe-kernels pretrain` finds them
+    # the recipes (python/moe_recipes) install with the library: `import moe_recipes` works wherever it is
     packages=find_packages(include=["moe_kernels", "moe_kernels.*"])
     + find_packages("python", include=["moe_recipes", "moe_recipes.*"]),
     package_dir={"moe_recipes": "python/moe_recipes"},

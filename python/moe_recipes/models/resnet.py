@@ -15,7 +15,7 @@ one task for the whole batch (SIMT). ``extract_path``-style plain models come fr
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Optional, Tuple, Union
 
 import torch
@@ -23,7 +23,7 @@ import torch.nn as nn
 
 import moe_kernels as mk
 
-from .transformer import BackboneOutput
+from ._common import BackboneOutput, resolve_config
 
 
 @dataclass(frozen=True)
@@ -91,12 +91,7 @@ class ResNet(nn.Module):
     def __init__(self, config: Union[str, ResNetConfig] = "cpu-tiny", *, lego_units: Optional[int] = None,
                  num_tasks: int = 1, lego_mode: str = "soft", temperature: float = 5.0, **overrides):
         super().__init__()
-        if isinstance(config, str):
-            if config not in PRESETS:
-                raise ValueError(f"ResNet: argument 'config' must be one of {list(PRESETS)} or a ResNetConfig, "
-                                 f"got {config!r}")
-            config = PRESETS[config]
-        cfg = self.config = replace(config, **overrides) if overrides else config
+        cfg = self.config = resolve_config("ResNet", config, PRESETS, overrides)
         if lego_units is not None and lego_units < 2:
             raise ValueError(f"ResNet: argument 'lego_units' must be None or >= 2, got {lego_units!r}")
         self.lego = lego_units is not None

@@ -18,14 +18,16 @@ or ``"every_second"`` (base), ``num_experts`` experts of hidden size ``mlp_ratio
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
-from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import moe_kernels as mk
+
+from ._common import BackboneOutput, parameter_count, resolve_config
 
 
 @dataclass(frozen=True)
@@ -73,11 +75,6 @@ PRESETS = {
 }
 
 
-class BackboneOutput(NamedTuple):
-    features: List[torch.Tensor]  # per stage [B, C, H, W]
-    aux_loss: torch.Tensor  # the MoE layers' auxiliary losses, summed (0 for a dense backbone)
-
-
 def _windows(x: torch.Tensor, w: int) -> torch.Tensor:
     """[B, H, W, C] (H, W multiples of w) -> [B * nW, w*w, C]."""
     B, H, W, C = x.shape
@@ -102,8 +99,15 @@ class WindowAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.bias_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, heads))
         nn.init.trunc_normal_(self.bias_table, std=0.02)
+        self._index_cache: Dict[tuple, torch.Tensor] = {}  # per (w, device): made once, not every step
 
     def _bias_index(self, w: int, device) -> torch.Tensor:
+        key = (w, str(device))
+        if key not in self._index_cache:
+            self._index_cache[key] = self._make_bias_index(w, device)
+        return self._index_cache[key]
+
+    def _make_bias_index(self, w: int, device) -> torch.Tensor:
         coords = torch.stack(torch.meshgrid(torch.arange(w, device=device), torch.arange(w, device=device),
                                             indexing="ij")).flatten(1)
         rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (self.window - 1)
@@ -128,6 +132,7 @@ class Block(nn.Module):
                  moe: Optional[dict]):
         super().__init__()
         self.window, self.shift = window, shift
+        self._mask_cache: Dict[tuple, torch.Tensor] = {}
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.attn = WindowAttention(dim, heads, window)
         hidden = int(dim * mlp_ratio)
@@ -140,9 +145,16 @@ class Block(nn.Module):
             E, k = opts.pop("num_experts"), opts.pop("k")
             self.moe = mk.nn.MoE(dim, max(1, hidden // k), E, k, **opts)
 
+    def _mask(self, H: int, W: int, w: int, device) -> torch.Tensor:
+        """Shifted windows: tokens that come from different regions of the rolled grid must not attend.
+        One per grid shape, kept (each block sees the same few shapes every step)."""
+        key = (H, W, w, str(device))
+        if key not in self._mask_cache:
+            self._mask_cache[key] = self._make_mask(H, W, w, device)
+        return self._mask_cache[key]
+
     @staticmethod
-    def _mask(H: int, W: int, w: int, device) -> torch.Tensor:
-        """Shifted windows: tokens that come from different regions of the rolled grid must not attend."""
+    def _make_mask(H: int, W: int, w: int, device) -> torch.Tensor:
         s = w // 2
         region = torch.zeros(H, W, dtype=torch.int64, device=device)
         cuts = (slice(0, -w), slice(-w, -s), slice(-s, None))
@@ -201,12 +213,7 @@ class HierarchicalTransformer(nn.Module):
 
     def __init__(self, config: Union[str, TransformerConfig] = "cpu-tiny", **overrides):
         super().__init__()
-        if isinstance(config, str):
-            if config not in PRESETS:
-                raise ValueError(f"HierarchicalTransformer: argument 'config' must be one of {list(PRESETS)} "
-                                 f"or a TransformerConfig, got {config!r}")
-            config = PRESETS[config]
-        cfg = self.config = replace(config, **overrides) if overrides else config
+        cfg = self.config = resolve_config("HierarchicalTransformer", config, PRESETS, overrides)
         self.patch_embed = nn.Conv2d(cfg.in_channels, cfg.embed_dim, cfg.patch, stride=cfg.patch)
         self.embed_norm = nn.LayerNorm(cfg.embed_dim)
         self.stages = nn.ModuleList()
@@ -249,10 +256,6 @@ class HierarchicalTransformer(nn.Module):
             if i < len(self.merges):
                 x = self.merges[i](x)
         return BackboneOutput(feats, aux)
-
-
-def parameter_count(module: nn.Module, trainable_only: bool = False) -> int:
-    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
 
 __all__: Sequence[str] = ("TransformerConfig", "PRESETS", "BackboneOutput", "HierarchicalTransformer",
