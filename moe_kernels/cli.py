@@ -101,9 +101,22 @@ def main(argv=None) -> int:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--backend", default=None)
     demo.add_argument("--no-bench", action="store_true", help="skip the closing benchmark table")
-    args = parser.parse_args(argv)
+    try:  # the recipes install with the library (python/moe_recipes); absent only in a stripped install
+        from moe_recipes import cli as recipes_cli
+    except ImportError:
+        recipes_cli = None
+    if recipes_cli is not None:
+        recipes_cli.add_arguments(sub.add_parser("pretrain", help="run a paper's recipe (moe_recipes): "
+                                                 "pre-training, its studies and report.md"))
+    # overrides (key=value) may come before or after the options
+    args, rest = parser.parse_known_args(argv)
+    if rest and (args.cmd != "pretrain" or any("=" not in r or r.startswith("-") for r in rest)):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.cmd == "info":
         return info()
+    if args.cmd == "pretrain":
+        args.overrides = list(args.overrides) + rest
+        return recipes_cli.run(args)
     from moe_kernels.demo import run
 
     return run(steps=args.steps, seed=args.seed, backend=args.backend, bench=not args.no_bench)
