@@ -161,15 +161,26 @@ class Trainer:
     def _init_deepspeed(self, cfg):
         import deepspeed
 
+        if not (dist.is_available() and dist.is_initialized()):
+            # one process without a launcher: a world of one (a launcher sets these itself)
+            for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+                os.environ.setdefault(k, v)
+            if "MASTER_PORT" not in os.environ:
+                from moe_kernels.distributed import free_port
+
+                os.environ["MASTER_PORT"] = str(free_port())
+            deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+            self.rank, self.world_size = _dist_info()
         if isinstance(cfg, str):
             with open(cfg) as f:
                 cfg = json.load(f)
         cfg = dict(cfg)
         V = self.train_cfg.virtual_devices
         mb = max(s.batch_size for s in self.sources.values())
+        # nominal: every slot's batch has its own source's size; DeepSpeed only checks the product
         cfg.setdefault("train_micro_batch_size_per_gpu", mb)
         cfg["gradient_accumulation_steps"] = V
-        cfg.setdefault("train_batch_size", mb * V * self.world_size)
+        cfg["train_batch_size"] = cfg["train_micro_batch_size_per_gpu"] * V * self.world_size
         if self.clip_grad > 0:
             cfg.setdefault("gradient_clipping", self.clip_grad)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
@@ -247,6 +258,7 @@ class Trainer:
             self.hooks["before_step"](self, step)
         self.model.train()
         V = self.train_cfg.virtual_devices
+        lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
         t0 = time.perf_counter()
         losses: Dict[str, List[float]] = {}
         parts_log: Dict[str, float] = {}
@@ -283,7 +295,7 @@ class Trainer:
         weighted = sum(self.sources[s].loss_weight * sum(v) for s, v in losses.items()) / V
         rec = {"kind": "train", "step": self.step, "loss": weighted,
                "losses": {s: sum(v) / len(v) for s, v in losses.items()},
-               "lr": self.optimizer.param_groups[0]["lr"], "images_per_s": images * self.world_size / dt,
+               "lr": lr, "images_per_s": images * self.world_size / dt,
                "seconds": dt, "parts": parts_log}
         if grad_norm is not None:
             rec["grad_norm"] = grad_norm

@@ -53,6 +53,12 @@ class FPN(nn.Module):
         return [out(lat) for out, lat in zip(self.output, laterals)]
 
 
+def _groups(channels: int) -> int:
+    """GroupNorm groups: up to 8, at least 2 channels each (a 1x1 map of one channel per group cannot
+    be normalised)."""
+    return max(1, min(8, channels // 2))
+
+
 def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """IoU matrix of boxes ``x0 y0 x1 y1``: [n, 4] x [m, 4] -> [n, m]."""
     area_a = (a[:, 2] - a[:, 0]).clamp(min=0) * (a[:, 3] - a[:, 1]).clamp(min=0)
@@ -123,7 +129,7 @@ class DetectionHead(nn.Module):
         def tower():
             layers = []
             for _ in range(convs):
-                layers += [nn.Conv2d(channels, channels, 3, padding=1), nn.GroupNorm(min(8, channels), channels),
+                layers += [nn.Conv2d(channels, channels, 3, padding=1), nn.GroupNorm(_groups(channels), channels),
                            nn.ReLU()]
             return nn.Sequential(*layers)
 
@@ -240,7 +246,7 @@ class DenseHead(nn.Module):
         super().__init__()
         self.positive = positive
         self.reduce = nn.ModuleList(nn.Conv2d(channels, channels, 3, padding=1) for _ in range(levels))
-        self.fuse = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.GroupNorm(min(8, channels), channels),
+        self.fuse = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.GroupNorm(_groups(channels), channels),
                                   nn.ReLU(), nn.Conv2d(channels, out_channels, 1))
 
     def forward(self, levels: Sequence[torch.Tensor], image_size: Tuple[int, int]) -> torch.Tensor:

@@ -103,7 +103,7 @@ class MTHLConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     downstream: DownstreamConfig = field(default_factory=DownstreamConfig)
     studies: StudiesConfig = field(default_factory=StudiesConfig)
-    deepspeed: str = ""  # a DeepSpeed config JSON: train the pre-training stage through its engine
+    deepspeed: str = ""  # a DeepSpeed config JSON path: train the MTHL pre-training through its engine
 
 
 # ----------------------------------------------------------------------------- model and data
@@ -320,6 +320,7 @@ def adaptation_prepare(row: str, cfg: MTHLConfig, data: Data, name: str):
             layer.set_trainable_rows("router_weight", [rep.new_task])
 
     def prepare(m):
+        m.heads.requires_grad_(False)  # the old datasets' heads take no part in a new dataset
         if row == "ft_full":
             add(m, freeze=False)
         elif row == "router_only":
