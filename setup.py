@@ -95,15 +95,16 @@ setup(
     packages=find_packages(include=["moe_kernels", "moe_kernels.*"])
     + find_packages("python", include=["moe_recipes", "moe_recipes.*"]),
     package_dir={"moe_recipes": "python/moe_recipes"},
-    package_data={"moe_kernels": [BUILD.AOT_STAMP]},
+    package_data={"moe_kernels": [BUILD.AOT_STAMP], "moe_recipes": ["presets/*/*.toml", "presets/*/*.json"]},
     # a lower bound only: an installed torch satisfies it, so pip never fetches one
     # ninja: the JIT build of the C++ kernels; numpy: torch warns "Failed to initialize NumPy" without it
     install_requires=["torch>=2.4", "ninja", "numpy"],
     extras_require={
         "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6"],
         "bench": ["pytest-benchmark>=4"],
-        # the recipes' real-data loaders (moe_recipes.data.folders); the built-in world needs neither
-        "recipes": ["pillow>=10", "pycocotools>=2.0.7"],
+        # the recipes (python/moe_recipes): progress bars, plots, LAMB on CPU, real-data loaders, DeepSpeed
+        "recipes": ["tqdm>=4.60", "matplotlib>=3.7", "pytorch-optimizer>=3.0", "pillow>=10", "pycocotools>=2.0.7",
+                    "deepspeed>=0.14"],
     },
     entry_points={"console_scripts": ["moe-kernels=moe_kernels.cli:main"]},
     ext_modules=ext_modules,

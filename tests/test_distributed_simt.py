@@ -224,3 +224,17 @@ def test_simt_single_process_and_validation():
         ours(torch.randn(5, 4, 2))
     with pytest.raises(err, match="argument 'used'"):
         mkd.task_average_gradients(net, used=list(net.heads["seg"].parameters()))
+
+
+def test_task_average_with_per_rank_use_counts():
+    """Virtual devices: a rank that ran several devices passes how many used each parameter; the
+    summed gradient is divided by the total count (one process: by its own count)."""
+    a, b, c = (torch.nn.Parameter(torch.zeros(3)) for _ in range(3))
+    a.grad, b.grad = torch.full((3,), 6.0), torch.full((3,), 2.0)
+    assert mk.distributed.task_average_gradients([a, b, c], counts=[3, 1, 0]) == [3, 1, 0]
+    assert torch.equal(a.grad, torch.full((3,), 2.0)) and torch.equal(b.grad, torch.full((3,), 2.0))
+    assert c.grad is None
+    with pytest.raises(mk.MoEKernelsError, match="'counts' must have one count per parameter"):
+        mk.distributed.task_average_gradients([a, b], counts=[1])
+    with pytest.raises(mk.MoEKernelsError, match="argument 'counts' counts parameter 1"):
+        mk.distributed.task_average_gradients([a, c], counts=[1, 1])

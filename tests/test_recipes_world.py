@@ -40,6 +40,10 @@ def test_images_and_labels_have_the_documented_types(name):
             assert s["mask"].dtype == torch.int64 and s["mask"].shape == (n, n)
             assert 0 <= int(s["mask"].min()) and int(s["mask"].max()) <= src.num_classes
             assert bool((s["mask"] > 0).any())  # every image shows an object
+        elif src.task == "attr":
+            a = s["attributes"]
+            assert a.dtype == torch.float32 and a.shape == (src.num_classes,)
+            assert set(a.unique().tolist()) <= {0.0, 1.0} and 1 <= int(a.sum()) <= src.objects[1]
         elif src.task == "depth":
             d = s["depth"]
             assert d.dtype == torch.float32 and d.shape == (n, n)
@@ -144,3 +148,35 @@ def test_bad_arguments_name_themselves():
         Source("x", "cls", Domain(), c, class_weights=(1.0, 2.0))
     with pytest.raises(ValueError, match="repeats the names"):
         World([Source("x", "cls", Domain(), c), Source("x", "cls", Domain(), c)])
+
+
+def test_scene_layout_sources_label_the_arrangement():
+    """A scene's class is its layout: the same objects in the same cells; the concepts alone do not
+    tell two layouts apart (some layouts share their objects)."""
+    for name in ("cls/scenes", "down/cls_scene"):
+        src = WORLD.source(name)
+        assert src.layouts is not None and src.num_classes == len(src.layouts) == len(set(src.class_names))
+        labels = [WORLD.sample(name, i)["label"] for i in range(200)]
+        assert set(labels) == set(range(src.num_classes))
+        objs = [tuple(sorted(c for c, _ in lay)) for lay in src.layouts]
+        assert len(set(objs)) < len(objs) or name == "down/cls_scene"
+        # an object of the scene lies in its cell: the cell's pixels differ from an empty cell's
+        s = WORLD.sample(name, 0)
+        n = src.domain.image_size
+        for c, cell in src.layouts[s["label"]]:
+            r0, c0 = (cell // 3) * n // 3, (cell % 3) * n // 3
+            patch = s["image"][:, r0:r0 + n // 3, c0:c0 + n // 3]
+            assert float(patch.std(dim=(1, 2)).max()) > 0.1, (name, cell)
+
+
+def test_layouts_are_validated():
+    dom = Domain()
+    cs = (Concept("disc", "solid", "red"), Concept("square", "solid", "blue"))
+    with pytest.raises(ValueError, match="two objects in one cell"):
+        Source("x", "cls", dom, cs, layouts=(((0, 1), (1, 1)),))
+    with pytest.raises(ValueError, match="cell 0..8"):
+        Source("x", "cls", dom, cs, layouts=(((0, 9),),))
+    with pytest.raises(ValueError, match="needs task 'cls'"):
+        Source("x", "det", dom, cs, layouts=(((0, 1),),))
+    with pytest.raises(ValueError, match="repeats a layout"):
+        Source("x", "cls", dom, cs, layouts=(((0, 1),), ((0, 1),)))

@@ -130,7 +130,8 @@ def broadcast_parameters(module: nn.Module, src: int = 0, group=None) -> None:
             dist.broadcast(t.data, src=src, group=group)
 
 
-def task_average_gradients(params: Union[nn.Module, Iterable[Tensor]], *, used=None, group=None) -> list:
+def task_average_gradients(params: Union[nn.Module, Iterable[Tensor]], *, used=None, counts=None,
+                           group=None) -> list:
     """Average each parameter's gradient over the ranks that used it (GPPF's task average).
 
     ``p.grad <- (1 / N_p) * sum_{ranks i that used p} g_i[p]`` where ``N_p`` is the number of ranks that
@@ -143,6 +144,10 @@ def task_average_gradients(params: Union[nn.Module, Iterable[Tensor]], *, used=N
             rank (every rank must pass the same list).
         used: optional: the parameters this rank used (an iterable), overriding the ``grad is not None``
             rule (e.g. a head whose loss was multiplied by 0 but should count).
+        counts: optional: how many devices of this rank used each parameter (a sequence of ints, one per
+            parameter), for ranks that run several virtual devices one after another and sum their
+            gradients (RECIPES.md 3.6 item 5): then ``N_p`` is the sum of the counts over the ranks and
+            ``p.grad`` must hold the *sum* over this rank's devices. Overrides ``used``.
         group: the process group (default: global).
 
     Returns:
@@ -159,19 +164,29 @@ def task_average_gradients(params: Union[nn.Module, Iterable[Tensor]], *, used=N
         ps = list(params)
         for i, p in enumerate(ps):
             check(isinstance(p, Tensor), op, f"params[{i}]", f"must be a tensor, got {type(p).__name__}")
-    if used is not None:
+    if counts is not None:
+        counts = list(counts)
+        check(len(counts) == len(ps), op, "counts", f"must have one count per parameter ({len(ps)}), got {len(counts)}")
+        for i, c in enumerate(counts):
+            check_int(c, op, f"counts[{i}]", lo=0)
+        flags = [c > 0 for c in counts]
+        arg = "counts"
+    elif used is not None:
         used_ids = {id(p) for p in used}
         flags = [id(p) in used_ids for p in ps]
+        arg = "used"
     else:
         flags = [p.grad is not None for p in ps]
+        arg = "used"
     for i, (p, f) in enumerate(zip(ps, flags)):
         if f and p.grad is None:
-            fail(op, "used", f"lists parameter {i} (shape {tuple(p.shape)}) but it has no gradient")
+            fail(op, arg, f"counts parameter {i} (shape {tuple(p.shape)}) as used but it has no gradient")
     if not ps:
         return []
     W = group_size(group)
     dev = ps[0].device
-    counts = torch.tensor([1.0 if f else 0.0 for f in flags], dtype=torch.float64, device=dev)
+    per_rank = counts if counts is not None else [1 if f else 0 for f in flags]
+    counts = torch.tensor([float(c) for c in per_rank], dtype=torch.float64, device=dev)
     if W > 1:
         dist.all_reduce(counts, group=group)
     # one flat buffer per dtype: unused parameters contribute zeros
@@ -271,13 +286,13 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         if group_size(self.process_group) > 1:
             stats = _AllReduceSum.apply(stats, self.process_group)
         n = stats[-1]
-        check(float(n) > 0, op, "input", "has no elements on any rank (batch statistics need at least one)")
+        check(float(n.detach()) > 0, op, "input", "has no elements on any rank (batch statistics need at least one)")
         mean_s = stats[:C] / n
         var = (stats[C:2 * C] / n - mean_s * mean_s).clamp_min(0.0)
         mean = mean_s + shift
         if self.training and self.track_running_stats:
             with torch.no_grad():
-                unbiased = var * (n / (n - 1)) if float(n) > 1 else var
+                unbiased = var * (n / (n - 1)) if float(n.detach()) > 1 else var
                 rm, rv = self.running_mean, self.running_var
                 rm.mul_(1 - momentum).add_(mean.detach().to(rm.dtype), alpha=momentum)
                 rv.mul_(1 - momentum).add_(unbiased.detach().to(rv.dtype), alpha=momentum)

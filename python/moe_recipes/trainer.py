@@ -10,10 +10,10 @@ A step (RECIPES.md 5.1 two-step sampling, 3.1 SIMT, 3.6 item 5 virtual devices):
    permutation of its training indices per epoch, seeded by (seed, source, epoch)); slots that drew
    the same source take consecutive chunks in slot order, so the streams advance identically on
    every rank and a per-source cursor is the sampler's whole state;
-3. each slot's loss, times its source's loss weight and divided by V, is back-propagated (V
-   micro-steps accumulate);
-4. gradients are reduced over the ranks -- ``"mean"`` (data parallel: sum / world size) or
-   ``"task_average"`` (GPPF: :func:`moe_kernels.distributed.task_average_gradients`) -- clipped to
+3. each slot's loss, times its source's loss weight, is back-propagated (V micro-steps accumulate);
+4. gradients are reduced -- ``"mean"`` (data parallel: the sum over all slots / (V x world size)) or
+   ``"task_average"`` (GPPF: each parameter's sum over the slots that used it / their number, with
+   :func:`moe_kernels.distributed.task_average_gradients` and per-parameter use counts) -- clipped to
    ``clip_grad``, and the optimiser and the schedule step; buffers named in ``sync_buffers`` (the MI
    loss's EMA joint, RECIPES.md 5.6 item 6) are averaged over the ranks.
 
@@ -148,9 +148,15 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, schedule, train.steps, schedules)
         self.clip_grad = float(optim.clip_grad)
         self.engine = None
+        if self.world_size > 1 and deepspeed_config is None:
+            mk.distributed.broadcast_parameters(model)  # every rank starts from rank 0's weights, as DDP does
         if deepspeed_config is not None:
             self._init_deepspeed(deepspeed_config)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        # task average over device *slots*: count, per parameter, the micro-steps whose backward reached it
+        # (the hooks that count live for one train_step: a model trained here and then copied or trained
+        # elsewhere carries none of them)
+        self._uses = [0] * len(self.params)
         self.cursors: Dict[str, int] = {n: 0 for n in self.sources}
         self.step = 0
         self._writer = None
@@ -185,6 +191,13 @@ class Trainer:
             cfg.setdefault("gradient_clipping", self.clip_grad)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=self.model, optimizer=self.optimizer, lr_scheduler=self.scheduler, config=cfg)
+
+    def _count_use(self, i: int):
+        def hook(grad):
+            self._uses[i] += 1
+            return grad
+
+        return hook
 
     def _permutation(self, source: str, epoch: int) -> List[int]:
         key = (source, epoch)
@@ -225,21 +238,31 @@ class Trainer:
         return mine
 
     def _reduce_gradients(self):
+        if self.reduction == "task_average":
+            # each parameter: the sum over every slot that used it / the number of such slots (GPPF's
+            # task average, over virtual devices as well as ranks)
+            uses, self._uses = self._uses, [0] * len(self.params)
+            mk.distributed.task_average_gradients(self.params, counts=uses)
+            return
         if self.world_size == 1:
             return
-        if self.reduction == "task_average":
-            mk.distributed.task_average_gradients(self.params)
-            return
-        for p in self.params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        flat = torch.cat([p.grad.reshape(-1) for p in self.params])
+        # data parallel: the sum over ranks / world size; a parameter no rank used keeps grad None (so
+        # the optimiser skips it, as it does in one process), one all-reduce of the use flags
+        used = torch.tensor([p.grad is not None for p in self.params], dtype=torch.float64, device=self.params[0].device)
+        dist.all_reduce(used)
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in self.params])
         dist.all_reduce(flat)
         flat.div_(self.world_size)
         o = 0
-        for p in self.params:
-            p.grad.copy_(flat[o:o + p.numel()].view_as(p))
+        for p, u in zip(self.params, used.tolist()):
+            g = flat[o:o + p.numel()].view_as(p)
             o += p.numel()
+            if u == 0:
+                p.grad = None
+            elif p.grad is None:
+                p.grad = g.clone()
+            else:
+                p.grad.copy_(g)
 
     def _sync_buffers(self):
         if self.world_size == 1 or not self.sync_buffers:
@@ -252,14 +275,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ a step
 
-    def train_step(self) -> dict:
-        step = self.step
-        if "before_step" in self.hooks:
-            self.hooks["before_step"](self, step)
-        self.model.train()
+    def _micro_steps(self, step: int):
+        """Forward and backward of this rank's V slots at ``step``: ``(losses per source, loss parts, images)``."""
         V = self.train_cfg.virtual_devices
-        lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
-        t0 = time.perf_counter()
         losses: Dict[str, List[float]] = {}
         parts_log: Dict[str, float] = {}
         images = 0
@@ -271,12 +289,32 @@ class Trainer:
             loss = out["loss"] * s.loss_weight
             if self.engine is not None:
                 self.engine.backward(loss)
+            elif self.reduction == "task_average":
+                loss.backward()  # summed over the slots here, divided by each parameter's use count later
             else:
                 (loss / V).backward()
             losses.setdefault(src, []).append(float(out["loss"].detach()))
             for k, v in out.items():
                 if k != "loss":
                     parts_log[f"{src}/{k}"] = float(v.detach())
+        return losses, parts_log, images
+
+    def train_step(self) -> dict:
+        step = self.step
+        if "before_step" in self.hooks:
+            self.hooks["before_step"](self, step)
+        self.model.train()
+        V = self.train_cfg.virtual_devices
+        lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
+        t0 = time.perf_counter()
+        # task average: count, per parameter, the slots whose backward reached it (hooks for this step only)
+        hooks = ([p.register_hook(self._count_use(i)) for i, p in enumerate(self.params)]
+                 if self.reduction == "task_average" and self.engine is None else [])
+        try:
+            losses, parts_log, images = self._micro_steps(step)
+        finally:
+            for h in hooks:
+                h.remove()
         if self.engine is not None:
             self.engine.step()
             grad_norm = None
@@ -414,6 +452,15 @@ class Trainer:
             bar = tqdm(total=end, initial=self.step, desc=os.path.basename(os.path.abspath(self.out_dir)),
                        unit="step", dynamic_ncols=True)
         records = []
+        self._loop(end, bar, records)
+        if bar is not None:
+            bar.close()
+        if self.step == cfg.steps and stop_at is None:
+            self._log_eval()
+        return records
+
+    def _loop(self, end: int, bar, records: list) -> None:
+        cfg = self.train_cfg
         while self.step < end:
             rec = self.train_step()
             records.append(rec)
@@ -426,11 +473,6 @@ class Trainer:
                 self._log_eval()
             if cfg.checkpoint_every and (self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps):
                 self.save_checkpoint()
-        if bar is not None:
-            bar.close()
-        if self.step == cfg.steps and stop_at is None:
-            self._log_eval()
-        return records
 
     def _log_eval(self):
         res = self.evaluate()

@@ -9,8 +9,9 @@ The pieces:
 * a :class:`Concept` is what a class looks like: a shape, a texture and a colour;
 * a :class:`Domain` is how a source's images look apart from their objects: the background family and
   palette, pixel noise, the range of object sizes and the image size;
-* a :class:`Source` is one dataset: a task (``cls``, ``det``, ``seg`` or ``depth``), a domain, a label
-  space (its concepts, in label order) with class frequencies, and a size;
+* a :class:`Source` is one dataset: a task (``cls``, ``det``, ``seg``, ``depth`` or ``attr``), a domain,
+  a label space (its concepts, in label order; for a scene-layout source its layouts) with class
+  frequencies, and a size;
 * a :class:`World` is a seed and its sources, pre-training and downstream (held out).
 
 ``World.sample(source, index)`` draws one image with its labels. It is deterministic in (world seed,
@@ -36,7 +37,7 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
-TASKS = ("cls", "det", "seg", "depth")
+TASKS = ("cls", "det", "seg", "depth", "attr")
 SHAPES = ("disc", "square", "triangle", "ring", "cross", "diamond", "bar", "half_disc")
 TEXTURES = ("solid", "stripes", "checker", "dots")
 BACKGROUNDS = ("plain", "gradient", "stripes", "checker", "blobs")
@@ -101,8 +102,10 @@ class Source:
 
     Args:
         name: unique, by convention ``"<task>/<name>"``.
-        task: ``cls`` (one object, its class), ``det`` (objects: boxes, classes, instance masks),
-            ``seg`` (a class per pixel, 0 = background) or ``depth`` (a depth per pixel).
+        task: ``cls`` (one object, its class; or, with ``layouts``, a scene and its layout class),
+            ``det`` (objects: boxes, classes, instance masks), ``seg`` (a class per pixel, 0 =
+            background), ``depth`` (a depth per pixel) or ``attr`` (multi-label: which concepts an
+            image shows, as a multi-hot vector).
         domain: the look of the images.
         concepts: the label space, in label order (label i is ``concepts[i]``).
         size: the number of images (indices 0 .. size-1).
@@ -111,6 +114,9 @@ class Source:
         objects: (min, max) objects per image for det, seg and depth (cls always has one).
         masks: whether a det sample carries its instance masks.
         downstream: a held-out source (not for pre-training).
+        layouts: scene-layout classification: class i is the scene ``layouts[i]``, a tuple of
+            ``(concept index, cell)`` with cell 0..8 of a 3x3 grid (row-major): those objects, each
+            in its cell (jittered); the class is the arrangement, not any one object.
     """
 
     name: str
@@ -122,6 +128,7 @@ class Source:
     objects: Tuple[int, int] = (1, 4)
     masks: bool = False
     downstream: bool = False
+    layouts: Optional[Tuple[Tuple[Tuple[int, int], ...], ...]] = None
 
     def __post_init__(self):
         if self.task not in TASKS:
@@ -130,8 +137,8 @@ class Source:
             raise ValueError(f"Source {self.name!r}: argument 'concepts' must not be empty")
         if len(set(self.concepts)) != len(self.concepts):
             raise ValueError(f"Source {self.name!r}: argument 'concepts' repeats a concept")
-        if self.class_weights is not None and (len(self.class_weights) != len(self.concepts)
-                                               or min(self.class_weights) <= 0):
+        if self.class_weights is not None and self.layouts is None and (len(self.class_weights) != len(self.concepts)
+                                                                        or min(self.class_weights) <= 0):
             raise ValueError(f"Source {self.name!r}: argument 'class_weights' must give a positive weight "
                              f"per concept ({len(self.concepts)}), got {self.class_weights!r}")
         lo, hi = self.objects
@@ -140,13 +147,28 @@ class Source:
                              f"got {self.objects!r}")
         if self.size < 1:
             raise ValueError(f"Source {self.name!r}: argument 'size' must be >= 1, got {self.size!r}")
+        if self.layouts is not None:
+            if self.task != "cls" or not self.layouts:
+                raise ValueError(f"Source {self.name!r}: argument 'layouts' needs task 'cls' and at least one layout")
+            for i, lay in enumerate(self.layouts):
+                if not lay or any(not (0 <= c < len(self.concepts)) or not (0 <= cell < 9) for c, cell in lay):
+                    raise ValueError(f"Source {self.name!r}: layout {i} must be (concept index, cell 0..8) pairs, "
+                                     f"got {lay!r}")
+                if len({cell for _, cell in lay}) != len(lay):
+                    raise ValueError(f"Source {self.name!r}: layout {i} puts two objects in one cell")
+            if len(set(self.layouts)) != len(self.layouts):
+                raise ValueError(f"Source {self.name!r}: argument 'layouts' repeats a layout")
+            if self.class_weights is not None and len(self.class_weights) != len(self.layouts):
+                raise ValueError(f"Source {self.name!r}: argument 'class_weights' must give a weight per layout")
 
     @property
     def num_classes(self) -> int:
-        return len(self.concepts)
+        return len(self.concepts) if self.layouts is None else len(self.layouts)
 
     @property
     def class_names(self) -> Tuple[str, ...]:
+        if self.layouts is not None:
+            return tuple("+".join(f"{self.concepts[c].name}@{cell}" for c, cell in lay) for lay in self.layouts)
         return tuple(c.name for c in self.concepts)
 
 
@@ -260,7 +282,8 @@ class World:
         """One image of ``source`` with its labels, deterministic in (seed, source, index).
 
         Returns a dict with ``image`` (float32 [3, S, S] in [0, 1]), ``source``, ``index`` and, by task:
-        ``cls``: ``label`` (int); ``det``: ``boxes`` (float32 [n, 4], x0 y0 x1 y1 in pixels, the
+        ``cls``: ``label`` (int; a scene-layout source: the layout's index); ``attr``: ``attributes``
+        (float32 multi-hot [num_classes]: the concepts visible); ``det``: ``boxes`` (float32 [n, 4], x0 y0 x1 y1 in pixels, the
         extent of the visible mask), ``labels`` (int64 [n]) and, where the source has masks,
         ``masks`` (bool [n, S, S], disjoint); ``seg``: ``mask`` (int64 [S, S], 0 = background,
         c + 1 = class c); ``depth``: ``depth`` (float32 [S, S], larger is farther).
@@ -277,15 +300,25 @@ class World:
         # depth of the background: a tilted plane far behind every object
         tilt = float(torch.rand((), generator=g)) * 0.5
         depth = 8.0 + tilt * (y / n) * 4.0
-        count = 1 if src.task == "cls" else int(torch.randint(src.objects[0], src.objects[1] + 1, (1,), generator=g))
         weights = torch.tensor(src.class_weights if src.class_weights is not None else [1.0] * src.num_classes)
-        classes = torch.multinomial(weights, count, replacement=True, generator=g).tolist()
+        cells: list = []
+        if src.layouts is not None:  # a scene: its layout's objects, each in its cell
+            scene = int(torch.multinomial(weights, 1, generator=g))
+            classes = [c for c, _ in src.layouts[scene]]
+            cells = [cell for _, cell in src.layouts[scene]]
+        else:
+            count = 1 if src.task == "cls" else int(torch.randint(src.objects[0], src.objects[1] + 1, (1,), generator=g))
+            classes = torch.multinomial(weights, count, replacement=True, generator=g).tolist()
         lo, hi = d.scale
         objs = []
-        for c in classes:
+        for j, c in enumerate(classes):
             r = n * (lo + (hi - lo) * float(torch.rand((), generator=g)))
-            margin = r if src.task == "cls" else 0.3 * r
-            cy, cx = (margin + torch.rand(2, generator=g) * max(n - 2 * margin, 1.0)).tolist()
+            if cells:  # the cell's centre, jittered by up to a sixth of a cell
+                jy, jx = ((torch.rand(2, generator=g) - 0.5) * (n / 9)).tolist()
+                cy, cx = (cells[j] // 3 + 0.5) * n / 3 + jy, (cells[j] % 3 + 0.5) * n / 3 + jx
+            else:
+                margin = r if src.task == "cls" else 0.3 * r
+                cy, cx = (margin + torch.rand(2, generator=g) * max(n - 2 * margin, 1.0)).tolist()
             theta = float(torch.rand((), generator=g)) * 2 * math.pi
             z = 1.0 + 6.0 * float(torch.rand((), generator=g))
             objs.append((c, r, cy, cx, theta, z))
@@ -305,7 +338,14 @@ class World:
             image = image + d.noise * torch.randn(image.shape, generator=g)
         out = {"image": image.clamp(0, 1).to(torch.float32), "source": src.name, "index": int(index)}
         if src.task == "cls":
-            out["label"] = int(objs[0][0])
+            out["label"] = scene if src.layouts is not None else int(objs[0][0])
+            return out
+        if src.task == "attr":  # the concepts that show (an object hidden behind nearer ones does not)
+            attrs = torch.zeros(src.num_classes, dtype=torch.float32)
+            for i, (c, *_rest) in enumerate(objs):
+                if bool((owner == i).any()):
+                    attrs[c] = 1.0
+            out["attributes"] = attrs
             return out
         if src.task == "depth":
             out["depth"] = depth.to(torch.float32)
@@ -341,10 +381,14 @@ class World:
         domains, a fine-grained one whose classes differ only in colour shade and texture, a
         long-tailed one with Zipf class weights), detection (three sources with nested label spaces
         of 3, 6 and 10 concepts, the largest with instance masks, plus a single-class small-object
-        source), segmentation (three contexts) and depth (two scales of objects); images of
-        ``image_size`` px, one classification source 1.25x that. Downstream (held out): for cls, det
-        and seg one source near one pre-training source's domain and one near another's, for depth
-        one with a mixture of object scales; all with label spaces of unseen concept combinations.
+        source), segmentation (three contexts), depth (two scales of objects), a scene-layout
+        classification source (the class is the arrangement of objects over a 3x3 grid) and a
+        multi-label attribute source (``attr``); images of ``image_size`` px, one classification
+        source 1.25x that. Downstream (held out): for cls, det and seg one source near one
+        pre-training source's domain and one near another's, plus for cls a scene-layout source, a
+        fine-grained one near ``cls/fine`` and a long-tailed fine-grained one near ``cls/longtail``
+        (MTHL's five: scene, fine-grained, long-tailed), for seg an indoor one (the NYU analogue), for
+        depth one with a mixture of object scales; all with label spaces of unseen concept combinations.
         """
         S = image_size
 
@@ -359,6 +403,8 @@ class World:
             ("disc", "square", "triangle", "cross", "diamond", "ring", "bar", "half_disc", "disc", "square"),
             ("red", "blue", "green", "yellow", "magenta", "cyan", "orange", "white", "black", "pink"))])
         shades = ("red", "orange", "pink", "magenta", "brown")
+        scene_objs = concepts(["disc:solid:red", "square:solid:blue", "triangle:solid:green", "bar:solid:black"])
+        down_scene = concepts(["ring:solid:magenta", "cross:solid:orange", "diamond:solid:cyan"])
         zipf = tuple(1.0 / (i + 1) ** 1.3 for i in range(12))
         sources = [
             Source("cls/shapes", "cls", dom("plain", ["grey", "white"]),
@@ -394,6 +440,13 @@ class World:
                    concepts(["square:solid:red", "disc:solid:blue", "triangle:solid:green"]), size, objects=(1, 3)),
             Source("depth/far", "depth", dom("plain", ["sand", "grey"], 0.02, (0.06, 0.15)),
                    concepts(["square:solid:red", "disc:solid:blue", "triangle:solid:green"]), size, objects=(3, 8)),
+            # scenes: the class is the arrangement of a few objects over a 3x3 grid (a scene-layout source)
+            Source("cls/scenes", "cls", dom("plain", ["white", "sand"], 0.02, (0.07, 0.12)), scene_objs, size,
+                   layouts=_layouts(len(scene_objs), 8, 3)),
+            # multi-label attributes: which of 8 concepts an image shows (INTERN's excluded-from-eval kind)
+            Source("attr/objects", "attr", dom("checker", ["grey", "navy"], 0.03, (0.1, 0.2)),
+                   concepts([f"{sh}:{t}:pink" for sh in ("disc", "square", "triangle", "ring") for t in ("solid", "dots")]),
+                   size, objects=(1, 4)),
             # held out: near one pre-training domain, or near another; unseen concept combinations
             Source("down/cls_near_shapes", "cls", dom("plain", ["grey", "white"], 0.02),
                    concepts([f"{s}:dots:orange" for s in SHAPES[:5]]), size, downstream=True),
@@ -410,10 +463,35 @@ class World:
                    objects=(2, 5), downstream=True),
             Source("down/seg_near_aerial", "seg", dom("blobs", ["olive", "green"], 0.05, (0.08, 0.18)),
                    concepts(["square:stripes:white", "ring:solid:navy"]), size, objects=(3, 8), downstream=True),
+            Source("down/cls_scene", "cls", dom("gradient", ["sand", "white"], 0.02, (0.07, 0.12)), down_scene,
+                   size, layouts=_layouts(len(down_scene), 6, 2, seed=1), downstream=True),
+            Source("down/cls_fine_near_fine", "cls", dom("checker", ["white", "sand"], 0.02, (0.25, 0.4)),
+                   concepts([f"half_disc:{t}:{c}" for c in shades for t in ("solid", "stripes")]), size, downstream=True),
+            Source("down/cls_longtail_near_longtail", "cls", dom("blobs", ["teal", "olive"], 0.05),
+                   concepts([f"{sh}:checker:{c}" for sh in ("square", "diamond", "half_disc")
+                             for c in ("yellow", "white", "magenta", "orange")]), size,
+                   class_weights=tuple(1.0 / (i + 1) ** 1.3 for i in range(12)), downstream=True),
+            Source("down/seg_indoor", "seg", dom("gradient", ["grey", "white"], 0.02, (0.15, 0.35)),
+                   concepts(["square:stripes:brown", "bar:solid:navy", "disc:dots:sand", "cross:solid:teal"]), size,
+                   objects=(2, 5), downstream=True),
             Source("down/depth_mixed", "depth", dom("gradient", ["white", "sand"], 0.02, (0.06, 0.4)),
                    concepts(["diamond:dots:cyan", "cross:checker:magenta"]), size, objects=(1, 6), downstream=True),
         ]
         return cls(sources, seed)
+
+
+def _layouts(num_concepts: int, num_layouts: int, objects: int, seed: int = 0) -> Tuple[Tuple[Tuple[int, int], ...], ...]:
+    """``num_layouts`` distinct scenes of ``objects`` (concept, cell) pairs, in distinct cells, drawn once
+    from a fixed seed (part of the world's definition, not of a sample)."""
+    g = torch.Generator().manual_seed(7919 + seed)
+    out: list = []
+    while len(out) < num_layouts:
+        cells = torch.randperm(9, generator=g)[:objects].tolist()
+        cs = torch.randint(0, num_concepts, (objects,), generator=g).tolist()
+        lay = tuple(sorted(zip(cs, cells), key=lambda t: t[1]))
+        if lay not in out:
+            out.append(lay)
+    return tuple(out)
 
 
 @dataclass

@@ -84,7 +84,7 @@ class DownstreamConfig:
 
 @dataclass
 class StudiesConfig:
-    baselines: List[str] = field(default_factory=lambda: ["mthl_d", "scratch", "cls_only"])
+    baselines: List[str] = field(default_factory=lambda: ["mthl_d", "scratch", "cls_only", "pre_ft"])
     adapt_rows: List[str] = field(default_factory=lambda: list(ADAPT_ROWS))
     continual_experts: List[int] = field(default_factory=lambda: [1, 2])
     seed: int = 0  # random expert choice of the router + n experts rows
@@ -177,16 +177,23 @@ def _final_state(folder: str):
     return torch.load(os.path.join(tr_dir, done[-1], "state.pt"), map_location="cpu", weights_only=False)
 
 
-def pretrain_variant(cfg: MTHLConfig, data: Data, out: str, variant: str, resume: bool = True):
-    """Train one pre-training variant: ``mthl`` (MoE, all sources), ``mthl_d`` (dense, all sources) or
+def pretrain_variant(cfg: MTHLConfig, data: Data, out: str, variant: str, resume: bool = True,
+                     init_from: Optional[MultiSourceModel] = None):
+    """Train one pre-training variant: ``mthl`` (MoE, all sources), ``mthl_d`` (dense, all sources),
     ``single:<source>`` (that source alone with the dense backbone, as a standard single-task model,
-    trained on as many samples of the source as the joint run saw). Returns ``(model, eval metrics)``."""
+    trained on as many samples of the source as the joint run saw) or ``preft:<source>`` (the same,
+    starting from ``init_from``'s backbone: Tab. 1's "Pre.&FT." row). Returns ``(model, eval metrics)``."""
     folder = run_folder(os.path.join(out, variant.replace(":", "_").replace("/", "_")))
     dense = variant != "mthl"
-    names = data.pretraining if not variant.startswith("single:") else [variant.split(":", 1)[1]]
+    single = variant.startswith(("single:", "preft:"))
+    names = data.pretraining if not single else [variant.split(":", 1)[1]]
     model = build_model(cfg, data, names, dense=dense)
+    if variant.startswith("preft:"):
+        if init_from is None:
+            raise ValueError("mthl: the preft variant needs 'init_from' (the classification-only model)")
+        model.backbone.load_state_dict(init_from.backbone.state_dict())
     train = cfg.train
-    if variant.startswith("single:"):
+    if single:
         share = data.specs[names[0]].weight / sum(data.specs[n].weight for n in data.pretraining)
         train = dataclasses.replace(train, steps=max(int(round(train.steps * share * train.virtual_devices)), 1),
                                     virtual_devices=1)
@@ -441,6 +448,14 @@ def run(cfg: MTHLConfig, out: str, *, resume: bool = True, stages=STAGES, rows: 
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     data = Data(cfg)
+    from ..trainer import init_distributed
+
+    rank, world = init_distributed()
+    if world > 1:  # under a launcher: the pre-training only; the studies run in one process afterwards
+        stages = tuple(s for s in stages if s == "pretrain")
+        if rank == 0:
+            print(f"[mthl] {world} ranks: running the pre-training only; run the other stages in one process "
+                  f"afterwards (moe-kernels pretrain mthl ... --stages baselines,downstream,adapt,continual,report)")
     results: dict = {"pretrain": {}, "downstream": {}, "adapt": {}, "continual": {}}
     need_base = any(s in stages for s in ("pretrain", "downstream", "adapt", "continual", "report"))
     models = {}
@@ -454,11 +469,17 @@ def run(cfg: MTHLConfig, out: str, *, resume: bool = True, stages=STAGES, rows: 
                 for n in data.pretraining:
                     _, r = pretrain_variant(cfg, data, out, f"single:{n}", resume)
                     results["pretrain"].setdefault("scratch", {}).update(r)
-            elif b == "cls_only":
+            elif b in ("cls_only", "pre_ft"):
                 cls = [n for n in data.pretraining if data.task(n) == "cls"][0]
-                models["cls_only"], _ = pretrain_variant(cfg, data, out, f"single:{cls}", resume)
+                if "cls_only" not in models:
+                    models["cls_only"], _ = pretrain_variant(cfg, data, out, f"single:{cls}", resume)
+                if b == "pre_ft":
+                    for n in data.pretraining:
+                        if n != cls:
+                            _, r = pretrain_variant(cfg, data, out, f"preft:{n}", resume, models["cls_only"])
+                            results["pretrain"].setdefault("pre_ft", {}).update(r)
             else:
-                raise ValueError(f"mthl: unknown baseline {b!r} (mthl_d, scratch, cls_only)")
+                raise ValueError(f"mthl: unknown baseline {b!r} (mthl_d, scratch, cls_only, pre_ft)")
     if "downstream" in stages:
         for tag, m in models.items():
             results["downstream"][tag] = run_row(cfg, data, m, "ft_full", out, base_tag=tag)
