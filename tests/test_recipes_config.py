@@ -56,3 +56,17 @@ def test_resolved_config_round_trips(tmp_path):
     p.write_text(json.dumps(config.to_dict(cfg)))
     again = config.load(mthl.MTHLConfig, "mthl", str(p))
     assert again == cfg
+
+
+def test_command_line_lists_presets_and_names_bad_keys(capsys, tmp_path):
+    from moe_kernels.cli import main
+
+    assert main(["pretrain", "mthl", "--list-presets"]) == 0
+    assert "cpu-tiny" in capsys.readouterr().out.split()
+    assert main(["pretrain", "mthl", "--out", str(tmp_path / "x"), "train.stepz=3"]) == 2
+    assert "unknown key(s) ['stepz'] in section 'train'" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()  # nothing written for a bad config
+    (tmp_path / "keep").mkdir()
+    (tmp_path / "keep" / "precious.txt").write_text("x")
+    assert main(["pretrain", "mthl", "--out", str(tmp_path / "keep"), "--fresh"]) == 2  # not a run folder
+    assert (tmp_path / "keep" / "precious.txt").exists()

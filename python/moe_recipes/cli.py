@@ -8,6 +8,8 @@ runs this; the trainer joins the process group the launcher describes).
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import sys
 from typing import List, Optional
 
@@ -33,7 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="the run folder (default: runs/<recipe>-<preset>)")
     p.add_argument("--stages", default=None, help="comma-separated stages to run (default: all of the recipe's)")
     p.add_argument("--rows", default=None, help="mthl: comma-separated Tab. 3 rows for the adapt stage")
-    p.add_argument("--fresh", action="store_true", help="ignore what the run folder holds (default: resume)")
+    p.add_argument("--fresh", action="store_true", help="delete the run folder's previous results first (default: "
+                   "resume, and reuse every finished stage and row)")
     p.add_argument("--list-presets", action="store_true", help="print the recipe's presets and exit")
     p.add_argument("overrides", nargs="*", help="config overrides key=value (e.g. train.steps=50)")
 
@@ -51,6 +54,12 @@ def run(args) -> int:
         print(f"moe-kernels pretrain: {exc}", file=sys.stderr)
         return 2
     out = args.out or f"runs/{args.recipe}-{cfg.preset}"
+    if args.fresh and os.path.isdir(out) and os.listdir(out):
+        if not os.path.exists(os.path.join(out, "config.json")):
+            print(f"moe-kernels pretrain: --fresh: {out} is not a run folder (no config.json); not deleting it",
+                  file=sys.stderr)
+            return 2
+        shutil.rmtree(out)
     stages = tuple(args.stages.split(",")) if args.stages else module.STAGES
     kwargs = {}
     if args.rows:
