@@ -6,11 +6,12 @@ Kernels in this version (each under its contract name, :mod:`moe_kernels.backend
   top-k and the whole dispatch plan (capacity with both drop policies, exact ``num_dropped``,
   ``pad_to``) from per-block histograms and a scan, without atomics or host reads; the per-task
   router product inside ``task_route``.
+* ``permute``: ``dispatch``, ``dispatch_backward``, ``combine``, ``combine_backward`` — row gathers
+  and gather-sums over each token's k slots (no atomics).
 
 Not yet here (an op without a kernel runs elsewhere only by automatic choice; asking for
 ``backend="triton"`` for it raises :class:`~moe_kernels.backends.BackendUnavailableError`):
-the permutes (``dispatch``, ``combine``), ``grouped_gemm``, ``grouped_mlp``, ``moe_mlp`` (and their
-backward), the losses and ``reconcile``.
+``grouped_gemm``, ``grouped_mlp``, ``moe_mlp`` (and their backward), the losses and ``reconcile``.
 
 Devices: CUDA tensors; CPU tensors too when ``TRITON_INTERPRET=1`` is set before moe_kernels is
 imported (triton's interpreter: the way the tests run these kernels on a CPU machine). Automatic
