@@ -2,8 +2,9 @@
 # Set up moe_kernels from nothing in ./.venv (idempotent: a second run only checks).
 #
 #   bash scripts/setup.sh          # torch (CPU wheel) + moe_kernels, editable
-#   bash scripts/setup.sh test     # + pytest, pytest-benchmark, hypothesis, DeepSpeed (parity tests) and
-#                                  #   the recipes' readers: Pillow (images), pycocotools (COCO masks)
+#   bash scripts/setup.sh test     # + pytest, pytest-benchmark, hypothesis, DeepSpeed (parity tests), triton
+#                                  #   (the triton backend's tests, interpreted on the CPU) and the recipes'
+#                                  #   readers: Pillow (images), pycocotools (COCO masks)
 #   bash scripts/setup.sh bench    # + the benchmark peers: DeepSpeed, transformers, megatron-core
 #
 # torch is pinned (scripts/constraints.txt) and moe_kernels is installed without build isolation and
@@ -20,7 +21,7 @@ pip install -q ninja==1.13.2 numpy==2.4.6  # ninja: JIT build of the C++ kernels
 pip install -q --no-build-isolation --no-deps -e .
 case "${1:-}" in
   test)  pip install -q "pytest>=7" "pytest-benchmark>=4" "hypothesis==6.170.17" "deepspeed==0.19.8" \
-                        "pillow==13.0.0" "pycocotools==2.0.11" ;;
+                        "pillow==13.0.0" "pycocotools==2.0.11" "triton==3.9.0" ;;
   bench) pip install -q "pytest>=7" "pytest-benchmark>=4" "hypothesis==6.170.17" "deepspeed==0.19.8" \
                         "transformers==5.23.0" "megatron-core==0.16.1" ;;
   "") ;;
