@@ -4,7 +4,8 @@
 #   bash scripts/setup.sh          # torch (CPU wheel) + moe_kernels, editable
 #   bash scripts/setup.sh recipes  # + what the recipes (python/moe_recipes) need: tqdm, matplotlib,
 #                                  #   pytorch-optimizer (LAMB on CPU), Pillow, pycocotools, DeepSpeed
-#   bash scripts/setup.sh test     # + the recipes' packages, pytest, pytest-benchmark, hypothesis
+#   bash scripts/setup.sh test     # + the recipes' packages, pytest, pytest-benchmark, hypothesis and triton
+#                                  #   (the triton backend's tests, interpreted on the CPU)
 #   bash scripts/setup.sh bench    # + the benchmark peers: DeepSpeed, transformers, megatron-core
 #
 # torch is pinned (scripts/constraints.txt) and moe_kernels is installed without build isolation and
@@ -23,7 +24,8 @@ RECIPES=("tqdm==4.70.1" "matplotlib==3.11.2" "pytorch-optimizer==4.1.0" "pillow=
          "deepspeed==0.19.8")
 case "${1:-}" in
   recipes) pip install -q "${RECIPES[@]}" ;;
-  test)  pip install -q "pytest>=7" "pytest-benchmark>=4" "hypothesis==6.170.17" "${RECIPES[@]}" ;;
+  test)  pip install -q "pytest>=7" "pytest-benchmark>=4" "hypothesis==6.170.17" "${RECIPES[@]}" \
+                        "triton==3.9.0" ;;
   bench) pip install -q "pytest>=7" "pytest-benchmark>=4" "hypothesis==6.170.17" "deepspeed==0.19.8" \
                         "transformers==5.23.0" "megatron-core==0.16.1" ;;
   "") ;;

@@ -1,19 +1,30 @@
 """The ``triton`` backend (GPU; tested on the CPU under ``TRITON_INTERPRET=1``).
 
-This version ships no Triton kernels yet: the package exists so that the backend has its home,
-with the module stems of every backend (``routing``, ``permute``, ``grouped``, ``losses``,
-``reconcile``), and the probe says so. A kernel added to one of those modules under its contract
-name (:mod:`moe_kernels.backends.contract`) joins the kernel table by itself; the conformance test
-(``tests/test_contract.py``) then holds it to the contract and the op tests run it against the
-reference. Modules must import ``triton`` lazily (inside the kernels), so that the package imports
-where triton is not installed.
+Kernels in this version (each under its contract name, :mod:`moe_kernels.backends.contract`):
+
+* ``routing``: ``route``, ``route_backward``, ``task_route``, ``task_route_backward`` — scores,
+  top-k and the whole dispatch plan (capacity with both drop policies, exact ``num_dropped``,
+  ``pad_to``) from per-block histograms and a scan, without atomics or host reads; the per-task
+  router product inside ``task_route``.
+* ``permute``: ``dispatch``, ``dispatch_backward``, ``combine``, ``combine_backward`` — row gathers
+  and gather-sums over each token's k slots (no atomics).
+
+Not yet here (an op without a kernel runs elsewhere only by automatic choice; asking for
+``backend="triton"`` for it raises :class:`~moe_kernels.backends.BackendUnavailableError`):
+``grouped_gemm``, ``grouped_mlp``, ``moe_mlp`` (and their backward), the losses and ``reconcile``.
+
+Devices: CUDA tensors; CPU tensors too when ``TRITON_INTERPRET=1`` is set before moe_kernels is
+imported (triton's interpreter: the way the tests run these kernels on a CPU machine). Automatic
+backend choice never picks ``triton`` for CPU tensors (``backends.PREFERENCE``); only an explicit
+``backend="triton"`` does. Modules import ``triton`` lazily (the ``@triton.jit`` programs live in
+private modules imported on first use), so that the package imports where triton is not installed.
 """
 
 import os
 
 import torch
 
-DEVICES = ("cuda",)
+DEVICES = ("cuda", "cpu") if os.environ.get("TRITON_INTERPRET") == "1" else ("cuda",)
 HOW_TO_GET = "install triton and run on a CUDA GPU (or set TRITON_INTERPRET=1 for CPU tests)"
 
 
@@ -22,10 +33,12 @@ def probe():
         import triton
     except ImportError:
         return False, "triton is not installed"
-    if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    if not (torch.cuda.is_available() or interpret):
         return False, "no CUDA device (and TRITON_INTERPRET=1 is not set)"
     from .. import contract
 
     if not contract.kernel_table("triton", __name__, lambda to, name: None):
         return False, f"this version of moe_kernels ships no Triton kernels yet (triton {triton.__version__})"
-    return True, f"triton {triton.__version__}"
+    return True, f"triton {triton.__version__}" + (" (TRITON_INTERPRET=1: interpreted, CPU tensors too)"
+                                                    if interpret else "")
