@@ -76,7 +76,8 @@ class DownstreamConfig:
     lr_det: List[float] = field(default_factory=lambda: [1e-3])
     lr_seg: List[float] = field(default_factory=lambda: [1e-3])
     lr_depth: List[float] = field(default_factory=lambda: [1e-3])
-    router_steps: int = 30  # the new router's own training before pruning (Tab. 3 prune / hybrid rows)
+    router_steps: int = 30  # the new router's own training before pruning (Tab. 3 prune / hybrid rows),
+    # taken out of their `steps`: every row has the same total budget
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(name="adamw", lr=1e-3, weight_decay=0.05))
     schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(kind="cosine", warmup=0.1))
     eval_samples: int = 64
@@ -224,10 +225,13 @@ def _lrs(cfg: MTHLConfig, task: str) -> List[float]:
     return list(getattr(cfg.downstream, f"lr_{task}"))
 
 
-def _finetune(cfg, data, model, name, out, prepare, tag):
+ROUTER_PHASE_ROWS = ("prune_half", "prune_two_thirds", "prune_theta_1", "prune_theta_5", "hybrid_a", "hybrid_b")
+
+
+def _finetune(cfg, data, model, name, out, prepare, tag, steps=None):
     ds, task, n, tr, te = data.items[name]
     spec = data.specs[name]
-    return finetune(model, name, ds, tr, te, None, steps=cfg.downstream.steps, batch_size=spec.batch_size,
+    return finetune(model, name, ds, tr, te, None, steps=steps or cfg.downstream.steps, batch_size=spec.batch_size,
                     lrs=_lrs(cfg, task), optim=cfg.downstream.optim, schedule=cfg.downstream.schedule,
                     out_dir=os.path.join(out, tag, name.replace("/", "_")), seed=cfg.seed,
                     eval_batch_size=cfg.train.eval_batch_size, prepare=prepare, task=task)
@@ -368,7 +372,10 @@ def run_row(cfg: MTHLConfig, data: Data, base: MultiSourceModel, row: str, out: 
                              else mk.adapt.add_router(m.backbone, freeze=False).new_task)
         else:
             prep = adaptation_prepare(row, cfg, data, name)
-        best = _finetune(cfg, data, base, name, out, prep, f"{base_tag}__{row}")
+        # one budget for every row: the rows that first train the new router alone get that many fewer
+        # fine-tuning steps (RECIPES.md 5.6 item 9)
+        steps = cfg.downstream.steps - (cfg.downstream.router_steps if row in ROUTER_PHASE_ROWS else 0)
+        best = _finetune(cfg, data, base, name, out, prep, f"{base_tag}__{row}", steps=max(steps, 1))
         cost = backbone_stats(best["model"], name, data.items[name][0][0]["image"].shape[-1])
         per[name] = {"task": data.task(name), "metric": best["primary"], "lr": best["lr"], "grid": best["grid"],
                      "metrics": best["metrics"], **cost}

@@ -40,7 +40,9 @@ DECISIONS = [
     "Downstream: one budget per source for every method (item 9): AdamW, cosine, `downstream.steps`, the LR grid "
     "of the preset; FT-Full also gets a new router per MoE layer. Prune rows learn the new router for "
     "`downstream.router_steps` first (frozen backbone), prune by its usage on the downstream training images, then "
-    "fine-tune the whole model; Top-K rows fine-tune everything with the smaller K (item 10 and 5.5).",
+    "fine-tune the whole model; Top-K rows fine-tune everything with the smaller K (item 10 and 5.5). Every row "
+    "has the same total step budget: the router phase of the prune and hybrid rows is taken out of their "
+    "fine-tuning steps.",
     "Scratch = the dense backbone trained on one source alone, on as many of its images as the joint run saw "
     "(steps x its sampling share); 'IN-1K Pre.' = that run on the classification source; 'Pre.&FT.' = the same "
     "budget on a detection or segmentation source, starting from the classification-only backbone.",
