@@ -57,10 +57,11 @@ def verdict(margin: Optional[float], noise: float, claimed_positive: bool = True
 
 
 def within(diff: Optional[float], tolerance: float, noise: float) -> str:
-    """Verdict for a claim ``|diff| <= tolerance`` judged with ``noise``."""
+    """Verdict for a claim ``|diff| <= tolerance`` judged with ``noise``: *yes* only when the noise is
+    no larger than the tolerance (else a small difference proves nothing)."""
     if diff is None:
         return "not run"
-    if abs(diff) <= tolerance:
+    if abs(diff) <= tolerance and noise <= tolerance:
         return "yes"
     if abs(diff) > tolerance + noise:
         return "no"

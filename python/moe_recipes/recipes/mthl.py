@@ -445,6 +445,44 @@ def run_continual(cfg: MTHLConfig, data: Data, base: MultiSourceModel, C: int, o
 
 # ----------------------------------------------------------------------------- the recipe
 
+def _collect(cfg: MTHLConfig, data: Data, out: str, results: dict) -> dict:
+    """``results`` completed with everything earlier calls left in the run folder (a stage run alone,
+    e.g. ``--stages report`` or one ``--rows``, reports every finished stage and row)."""
+    def load(path):
+        if os.path.exists(path):
+            with open(path) as f:
+                return json.load(f)
+        return None
+
+    def folder(variant):
+        return os.path.join(out, variant.replace(":", "_").replace("/", "_"), "eval.json")
+
+    pre = results["pretrain"]
+    for key, variant in (("mthl", "mthl"), ("mthl_d", "mthl_d")):
+        if key not in pre and load(folder(variant)) is not None:
+            pre[key] = load(folder(variant))
+    cls = [n for n in data.pretraining if data.task(n) == "cls"]
+    for key, prefix, names in (("scratch", "single", data.pretraining),
+                               ("pre_ft", "preft", [n for n in data.pretraining if n not in cls])):
+        for n in names:
+            r = load(folder(f"{prefix}:{n}"))
+            if r is not None:
+                pre.setdefault(key, {}).update({k: v for k, v in r.items() if k not in pre.get(key, {})})
+    for tag in ("mthl", "mthl_d", "cls_only"):
+        r = load(os.path.join(out, "rows", f"{tag}__ft_full.json"))
+        if r is not None:
+            results["downstream"].setdefault(tag, r)
+    for row in ADAPT_ROWS:
+        r = load(os.path.join(out, "rows", f"mthl__{row}.json"))
+        if r is not None:
+            results["adapt"].setdefault(row, r)
+    for C in cfg.studies.continual_experts:
+        r = load(os.path.join(out, "rows", f"continual_{C}.json"))
+        if r is not None and C not in results["continual"]:
+            results["continual"][C] = r
+    return results
+
+
 def run(cfg: MTHLConfig, out: str, *, resume: bool = True, stages=STAGES, rows: Optional[List[str]] = None) -> dict:
     """Run the recipe's ``stages`` into ``out`` (see the module doc); returns the results dict."""
     bad = [s for s in stages if s not in STAGES]
@@ -468,7 +506,7 @@ def run(cfg: MTHLConfig, out: str, *, resume: bool = True, stages=STAGES, rows: 
     models = {}
     if need_base:
         models["mthl"], results["pretrain"]["mthl"] = pretrain_variant(cfg, data, out, "mthl", resume)
-    if "baselines" in stages or "downstream" in stages or "report" in stages:
+    if "baselines" in stages or "downstream" in stages:
         for b in cfg.studies.baselines:
             if b == "mthl_d":
                 models["mthl_d"], results["pretrain"]["mthl_d"] = pretrain_variant(cfg, data, out, "mthl_d", resume)
@@ -496,6 +534,7 @@ def run(cfg: MTHLConfig, out: str, *, resume: bool = True, stages=STAGES, rows: 
     if "continual" in stages:
         for C in cfg.studies.continual_experts:
             results["continual"][C] = run_continual(cfg, data, models["mthl"], C, out)
+    results = _collect(cfg, data, out, results)
     write_json(os.path.join(out, "results.json"), results)
     if "report" in stages:
         from .mthl_report import write_report

@@ -50,6 +50,17 @@ DECISIONS = [
 ]
 
 
+def _band(m, z, lo, hi) -> str:
+    """Verdict for "the margin lies in [lo, hi]" with noise z."""
+    if m is None:
+        return "not run"
+    if m < lo - z or m > hi + z:
+        return "no"
+    if lo <= m <= hi and z <= 0.5:
+        return "yes"
+    return "inconclusive"
+
+
 def _load(path) -> Optional[dict]:
     if not os.path.exists(path):
         return None
@@ -201,15 +212,29 @@ def write_report(cfg, data, model, out: str) -> str:
                            f"by more than the noise)", m, z, v))
         if t == "cls":
             m, z = pre_margin("mthl", "scratch", n)
-            v = "not run" if m is None else ("yes" if -z <= m <= 0.8 + z else "no")
-            claims.append((f"MTHL within ~1 point below Scratch on cls (`{n}`, Tab. 1: −0.3 to −0.8)", m, z, v))
+            claims.append((f"MTHL slightly below Scratch on cls (`{n}`, Tab. 1: −0.3 to −0.8; yes when the margin "
+                           f"is in [−1.8, +0.7] and the noise below 0.5, no when outside it by more than the noise)",
+                           m, z, _band(m, z, -1.8, 0.7)))
 
     def mean_of(tag):
         r = down.get(tag)
         return None if r is None else r["mean"]
 
+    def mean_noise(tag):
+        """The noise of a difference of two Tab. 2 means: each source's noise (binomial for an accuracy,
+        the fixed floor otherwise), propagated through the mean of task-type means."""
+        r = down.get(tag)
+        if r is None:
+            return DENSE_NOISE
+        by: Dict[str, list] = {}
+        for v in r["per_source"].values():
+            se = accuracy_noise(v["metric"], n_down) / 2 ** 0.5 if v["task"] == "cls" else DENSE_NOISE / 2 ** 0.5
+            by.setdefault(v["task"], []).append(se ** 2)
+        var = sum(sum(x) / len(x) ** 2 for x in by.values()) / len(by) ** 2
+        return (2 * var) ** 0.5
+
     mthl, mthld, clso = mean_of("mthl"), mean_of("mthl_d"), mean_of("cls_only")
-    z = DENSE_NOISE
+    z = mean_noise("mthl")
     if mthl is not None and mthld is not None:
         claims.append(("MTHL > MTHL.D on the downstream mean (Tab. 2)", mthl - mthld, z, verdict(mthl - mthld, z)))
     if mthld is not None and clso is not None:
@@ -238,8 +263,10 @@ def write_report(cfg, data, model, out: str) -> str:
               f"Verdict rule: *yes* when the margin has the claimed sign and exceeds the noise, *no* when it has the "
               f"opposite sign beyond it, *inconclusive* otherwise. Noise: for an accuracy over n held-out images the "
               f"standard error of a difference, 100·sqrt(2p(1−p)/n) (n = {n_eval} per pre-training source, {n_down} "
-              f"per downstream source); for means, AP and IoU a fixed {DENSE_NOISE:g} point. A claim that did not "
-              f"reproduce is reported as such.", "",
+              f"per downstream source); for AP and IoU a fixed floor of {DENSE_NOISE:g} point (not an estimate: at "
+              f"cpu-tiny sizes read margins of a few points as indicative only); for a Tab. 2/3 mean the sources' "
+              f"noises propagated through the mean of task-type means. A claim that did not reproduce is reported "
+              f"as such.", "",
               table(["claim", "margin", "noise", "reproduced"], claims, 2), ""]
 
     # ---- figures
