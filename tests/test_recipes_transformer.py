@@ -74,11 +74,43 @@ def test_dense_preset_sizes_match_the_swin_backbones():
         assert abs(parameter_count(m) / 1e6 - millions) < 0.1, (name, parameter_count(m))
 
 
+def test_dense_preset_sizes_match_the_davit_backbones():
+    """DaViT-T/S/B dense: 27.6M / 49.0M / 86.9M (MTHL Tab. 1): a depth is a (spatial, channel) pair."""
+    for name, millions in (("davit-t", 27.6), ("davit-s", 49.0), ("davit-b", 86.9)):
+        m = HierarchicalTransformer(name, moe="none")
+        assert abs(parameter_count(m) / 1e6 - millions) < 0.1, (name, parameter_count(m))
+        assert sum(len(s) for s in m.stages) == 2 * sum(m.config.depths)
+
+
+@pytest.mark.parametrize("size", [32, 40, 57])
+def test_davit_style_forward_backward_on_odd_grids(size):
+    torch.manual_seed(0)
+    m = HierarchicalTransformer("cpu-tiny-davit", num_tasks=2)
+    assert len(m.moe_layers()) == 2 * sum(m.config.depths)  # both blocks of every pair (RECIPES.md 5.6 item 8)
+    out = m(torch.randn(2, 3, size, size), 1)
+    grid = -(-size // 4)
+    assert out.features[0].shape == (2, 32, grid, grid)
+    assert [f.shape[1] for f in out.features] == [32, 64, 128, 256]
+    (sum(f.mean() for f in out.features) + out.aux_loss).backward()
+    assert all(p.grad is not None for n, p in m.named_parameters() if "router" not in n or "stages" in n)
+    # channel attention mixes every token: one changed pixel moves every position of the first-stage
+    # map (a window-attention-only stage would leave the far windows unchanged)
+    x = torch.randn(1, 3, 32, 32)
+    m.eval()
+    a = m(x, 0).features[0]
+    x2 = x.clone()
+    x2[..., 0, 0] += 1.0
+    b = m(x2, 0).features[0]
+    assert bool(((a - b).abs().amax(1) > 0).all())
+
+
 def test_bad_arguments_name_themselves():
     with pytest.raises(ValueError, match="argument 'config'"):
         HierarchicalTransformer("swin-xl")
     with pytest.raises(ValueError, match="argument 'moe'"):
         TransformerConfig(moe="sometimes")
+    with pytest.raises(ValueError, match="argument 'style'"):
+        TransformerConfig(style="vit")
     with pytest.raises(ValueError, match="not a multiple of its heads"):
         TransformerConfig(embed_dim=30, heads=(4, 4, 4, 4))
     with pytest.raises(ValueError, match="argument 'images'"):

@@ -130,13 +130,16 @@ def primary_metric(task: str, metrics: Dict[str, float]) -> float:
 def finetune(model, source: str, dataset, train_indices: Sequence[int], eval_indices: Sequence[int],
              collate: Callable, *, steps: int, batch_size: int, lrs: Sequence[float], optim: OptimConfig,
              schedule: ScheduleConfig, out_dir: str, seed: int = 0, eval_batch_size: int = 16,
-             prepare: Optional[Callable] = None, task: str = "cls", threads: int = 0) -> dict:
+             prepare: Optional[Callable] = None, task: str = "cls", threads: int = 0,
+             hooks: Optional[dict] = None) -> dict:
     """Fine-tune a copy of ``model`` (a :class:`MultiSourceModel` with a head for ``source``) for
     ``steps`` on ``train_indices`` at each learning rate of ``lrs``, evaluate on ``eval_indices``, and
     return the best: ``{"lr", "metrics", "primary", "grid": {lr: primary}, "trainable", "model"}``.
 
     ``prepare(model_copy)`` runs on each copy before its optimiser is built (e.g. freeze, add a
-    router, prune): whatever is trainable afterwards is fine-tuned. One step budget for every method,
+    router, prune): whatever is trainable afterwards is fine-tuned. ``hooks`` go to the
+    :class:`~moe_recipes.trainer.Trainer` (e.g. ``{"before_step": fn(trainer, step)}`` to anneal a
+    Gumbel temperature). One step budget for every method,
     as RECIPES.md 5.6 item 9 decides; the grid is the per-source LR search (GPPF App. D.2 style).
     """
     from ..trainer import Trainer, TrainSource
@@ -154,7 +157,7 @@ def finetune(model, source: str, dataset, train_indices: Sequence[int], eval_ind
         os.makedirs(sub, exist_ok=True)
         col = collate if collate is not None else m.heads[source].collate
         tr = Trainer(m, [TrainSource(source, dataset, train_indices, eval_indices, col, 1.0, 1.0, batch_size)],
-                     tcfg, o, schedule, sub, seed=seed)
+                     tcfg, o, schedule, sub, seed=seed, hooks=hooks)
         tr.fit()
         metrics = tr.last_eval[source]
         value = primary_metric(task, metrics)

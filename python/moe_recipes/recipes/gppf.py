@@ -394,22 +394,6 @@ def extract_paths(cfg: GPPFConfig, data: Data, model: MultiSourceModel, out: str
 
 # ----------------------------------------------------------------------------- fine-tuning
 
-class DynamicFinetuneModel(MultiSourceModel):
-    """A lego backbone with a new controller being learned (Dyfinetune): every ``step_loss`` (one
-    per fine-tuning step: one source, one slot) first sets the Gumbel temperature of its step.
-    (The fine-tuning harness has no hooks; see the recipe's notes for the harness change that would
-    replace this counter.)"""
-
-    tau_schedule: Optional[mk.nn.GumbelTemperature] = None
-    calls: int = 0
-
-    def step_loss(self, source, batch):
-        if self.tau_schedule is not None:
-            self.tau_schedule.apply(self.backbone, self.calls)
-            self.calls += 1
-        return super().step_loss(source, batch)
-
-
 def _lrs(cfg: GPPFConfig, task: str) -> List[float]:
     return list(getattr(cfg.downstream, f"lr_{task}"))
 
@@ -446,26 +430,29 @@ def finetune_row(cfg: GPPFConfig, data: Data, models: dict, paths: dict, row: st
         elif row == "dyfinetune":
             bb = copy.deepcopy(dyn.backbone)
             mk.nn.set_task(bb, 0)  # MultiSourceModel's dry forward (feature strides) needs a task
-            base = DynamicFinetuneModel(bb, {}, {})
+            base = MultiSourceModel(bb, {}, {})
             mk.nn.set_task(bb, None)
         else:
             raise ValueError(f"gppf: unknown fine-tuning row {row!r} (static, path_near, path_cls, dyfinetune)")
 
         def prepare(m, name=name, task=task, n=n):
-            if isinstance(m, DynamicFinetuneModel):
+            if row == "dyfinetune":
                 tid = None
                 for layer in m.backbone.lego_layers():
                     tid = layer.add_task()
                 m.add_source(name, task, n, tid)
-                m.tau_schedule = mk.nn.GumbelTemperature(cfg.gumbel.start, cfg.gumbel.end, cfg.downstream.steps // 2)
-                m.calls = 0
             else:
                 m.add_source(name, task, n, None)
+
+        hooks = None
+        if row == "dyfinetune":  # the temperature decays 5.0 -> 0.01 over the first half (App. D.2)
+            tau = mk.nn.GumbelTemperature(cfg.gumbel.start, cfg.gumbel.end, max(cfg.downstream.steps // 2, 1))
+            hooks = {"before_step": lambda trainer, step: tau.apply(trainer.model.backbone, step)}
 
         best = finetune(base, name, ds, tr, te, None, steps=cfg.downstream.steps, batch_size=spec.batch_size,
                         lrs=_lrs(cfg, task), optim=cfg.downstream.optim, schedule=cfg.downstream.schedule,
                         out_dir=os.path.join(out, "finetune", row, name.replace("/", "_")), seed=cfg.seed,
-                        eval_batch_size=cfg.train.eval_batch_size, prepare=prepare, task=task)
+                        eval_batch_size=cfg.train.eval_batch_size, prepare=prepare, task=task, hooks=hooks)
         if row == "dyfinetune":
             m = best["model"]
             tid = m.task_ids[name]
@@ -560,4 +547,4 @@ def run(cfg: GPPFConfig, out: str, *, resume: bool = True, stages=STAGES) -> dic
 
 __all__ = ["GPPFConfig", "GPPFModelConfig", "GumbelConfig", "SIMTConfig", "DownstreamConfig", "StudiesConfig",
            "STAGES", "BASELINES", "run", "build_backbone", "build_model", "pretrain_variant", "extract_paths",
-           "finetune_row", "DynamicFinetuneModel", "Data"]
+           "finetune_row", "Data"]
