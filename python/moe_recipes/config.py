@@ -54,6 +54,8 @@ class SourceConfig:
     labels: str = ""  # with a path: COCO JSON (det), mask folder (seg) or depth folder (depth); cls: none
     task: str = ""  # with a path: cls, det, seg or depth
     image_size: int = 0  # with a path: resize to this (0: the world's image size)
+    num_classes: int = 0  # seg by path: mask values 0 .. num_classes-1 (0: the largest value found + 1)
+    ignore_index: int = 255  # seg by path: the mask value of unlabelled pixels
 
 
 @dataclass

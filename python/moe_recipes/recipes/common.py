@@ -77,8 +77,14 @@ def open_source(world: World, spec: SourceConfig) -> Tuple[object, str, int]:
         ds = CocoDetection(spec.path, spec.labels, source=spec.name)
         n = ds.num_classes
     elif spec.task == "seg":
-        ds = MaskFolder(spec.path, spec.labels, source=spec.name)
-        n = ds.num_classes
+        # mask values 0 .. K-1 are the classes; the head predicts K maps, the world's layout of
+        # "0 = background + num_classes objects", so the source reports K - 1
+        ds = MaskFolder(spec.path, spec.labels, ignore_index=spec.ignore_index, source=spec.name,
+                        num_classes=spec.num_classes or None)
+        K = spec.num_classes or 1 + max(int(ds[i]["mask"].max()) for i in range(len(ds)))
+        if K < 2:
+            raise ValueError(f"source {spec.name!r}: a segmentation dataset needs at least 2 classes, found {K}")
+        n = K - 1
     elif spec.task == "depth":
         ds, n = DepthFolder(spec.path, spec.labels, source=spec.name), 1
     else:
