@@ -147,3 +147,33 @@ def test_paper_preset_one_step_under_deepspeed(tmp_path, deepspeed_ops):
     assert torch.isfinite(torch.tensor(recs[0]["loss"]))
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["model"]["backbone"] == "swin-t" and cfg["train"]["steps"] == 1
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.peers
+def test_pretraining_under_the_deepspeed_launcher_with_two_processes(tmp_path, deepspeed_ops):
+    """`deepspeed --num_gpus 2 --module moe_recipes.cli pretrain mthl ...` (the paper preset's command
+    shape) on 2 CPU processes: each rank joins the group, trains its own sources through the engine,
+    rank 0 writes the logs and checkpoints."""
+    import shutil
+
+    from moe_kernels.distributed import free_port
+
+    launcher = shutil.which("deepspeed", path=os.path.dirname(sys.executable))
+    if launcher is None:
+        pytest.skip("the deepspeed launcher is not installed beside this python")
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 0}}))
+    out = tmp_path / "run"
+    cmd = [launcher, "--num_gpus", "2", "--master_port", str(free_port()), "--module", "moe_recipes.cli",
+           "pretrain", "mthl", "--preset", "cpu-tiny", "--out", str(out), "--stages", "pretrain",
+           "train.steps=4", "train.checkpoint_every=2", f"deepspeed={ds}"] + [m for m in MICRO if "steps" not in m]
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=deepspeed_ops,
+               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, start_new_session=True)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    recs = [json.loads(x) for x in (out / "mthl" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs if r["kind"] == "train"] == [4]  # one writer (rank 0)
+    assert {r["source"] for r in recs if r["kind"] == "eval"} == {"cls/textures", "det/medium", "seg/street"}
+    assert (out / "mthl" / "checkpoints" / "step_0000004" / "rng_rank1.pt").exists()

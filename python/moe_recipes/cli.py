@@ -1,8 +1,8 @@
 """``moe-kernels pretrain <recipe> --preset <name> [--out DIR] [key=value ...]``: run a recipe.
 
 Also under a launcher: ``torchrun --nproc_per_node 2 -m moe_recipes.cli pretrain gppf --preset cpu-tiny``
-or ``deepspeed -m moe_recipes.cli pretrain mthl --preset paper deepspeed=configs/ds.json`` (each rank
-runs this; the trainer joins the process group the launcher describes).
+or ``deepspeed --num_gpus 2 --module moe_recipes.cli pretrain mthl --preset paper deepspeed=ds.json`` (each
+rank runs this; the trainer joins the process group the launcher describes).
 """
 
 from __future__ import annotations
@@ -39,6 +39,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "resume, and reuse every finished stage and row)")
     p.add_argument("--list-presets", action="store_true", help="print the recipe's presets and exit")
     p.add_argument("overrides", nargs="*", help="config overrides key=value (e.g. train.steps=50)")
+    # the deepspeed launcher passes --local_rank to each process (the trainer reads LOCAL_RANK instead)
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
 
 def run(args) -> int:
@@ -71,6 +73,8 @@ def run(args) -> int:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="moe_recipes", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    # the deepspeed launcher puts --local_rank=N before the module's own arguments
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="cmd", required=True)
     add_arguments(sub.add_parser("pretrain", help="run a recipe"))
     args, rest = parser.parse_known_args(argv)
