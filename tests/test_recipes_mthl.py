@@ -114,6 +114,9 @@ def test_recipe_end_to_end_from_the_command_line(tmp_path):
     assert any((out / "mthl" / "checkpoints").iterdir())
     res = json.loads((out / "results.json").read_text())
     assert set(res["adapt"]) == {"ft_full", "router_only", "topk_1"}
+    assert set(res["pretrain"]) == {"mthl", "mthl_d", "scratch", "pre_ft"}
+    assert set(res["pretrain"]["pre_ft"]) == {"det/medium", "seg/street"}  # Pre.&FT.: det and seg from the cls model
+    assert set(res["downstream"]) == {"mthl", "mthl_d", "cls_only"}
     assert res["continual"]["1"]["old_outputs_bit_identical"] is True
     report = (out / "report.md").read_text()
     for heading in ("Tab. 1", "Tab. 2", "Tab. 3", "Tab. 4", "Directional claims"):
