@@ -176,5 +176,55 @@ def finetune(model, source: str, dataset, train_indices: Sequence[int], eval_ind
     return best
 
 
-__all__ = ["open_world", "open_source", "Resized", "split", "run_folder", "write_json", "write_config",
+class SourceData:
+    """A run's sources: per name ``items[name] = (dataset, task, num_classes, train indices, eval
+    indices)`` and its ``specs[name]``, pre-training first; ``pretraining`` / ``downstream`` name them.
+    A world source given an ``image_size`` is resized to it (a task's own input size, as SIMT has)."""
+
+    def __init__(self, cfg):
+        self.world = open_world(cfg.world)
+        self.specs: Dict[str, SourceConfig] = {}
+        self.items: Dict[str, tuple] = {}
+        for spec in list(cfg.sources) + list(cfg.downstream.sources):
+            ds, task, n = open_source(self.world, spec)
+            if spec.image_size and not spec.path:
+                ds = Resized(ds, spec.image_size)
+            ev = cfg.train.eval_samples if spec in cfg.sources else cfg.downstream.eval_samples
+            tr, te = split(len(ds), ev, spec.name)
+            self.specs[spec.name] = spec
+            self.items[spec.name] = (ds, task, n, tr, te)
+        self.pretraining = [s.name for s in cfg.sources]
+        self.downstream = [s.name for s in cfg.downstream.sources]
+
+    def task(self, name):
+        return self.items[name][1]
+
+    def num_classes(self, name):
+        return self.items[name][2]
+
+
+def train_sources(data: SourceData, model, names: Sequence[str]):
+    """The trainer's view of the named sources, batched by ``model``'s heads."""
+    from ..trainer import TrainSource
+
+    out = []
+    for n in names:
+        ds, task, _, tr, te = data.items[n]
+        spec = data.specs[n]
+        out.append(TrainSource(n, ds, tr, te, model.heads[n].collate, spec.weight, spec.loss_weight, spec.batch_size))
+    return out
+
+
+def final_state(folder: str):
+    """The newest complete checkpoint's state under ``folder/checkpoints`` (None without one)."""
+    ck = os.path.join(folder, "checkpoints")
+    if not os.path.isdir(ck):
+        return None
+    done = sorted(d for d in os.listdir(ck) if os.path.exists(os.path.join(ck, d, "COMPLETE")))
+    if not done:
+        return None
+    return torch.load(os.path.join(ck, done[-1], "state.pt"), map_location="cpu", weights_only=False)
+
+
+__all__ = ["SourceData", "train_sources", "final_state", "open_world", "open_source", "Resized", "split", "run_folder", "write_json", "write_config",
            "read_jsonl", "primary_metric", "finetune", "world_image_size"]

@@ -55,8 +55,8 @@ from ..config import OptimConfig, ScheduleConfig, SourceConfig, TrainConfig, Wor
 from ..metrics import plain_mean
 from ..models.multisource import MultiSourceModel
 from ..models.resnet import PRESETS, ResNet
-from ..trainer import Trainer, TrainSource, init_distributed
-from .common import Resized, finetune, open_source, open_world, run_folder, split, write_config, write_json
+from ..trainer import Trainer, init_distributed
+from .common import SourceData, final_state, finetune, run_folder, train_sources, write_config, write_json
 
 STAGES = ("pretrain", "baselines", "extract", "finetune", "report")
 BASELINES = ("single", "static", "global", "no_syncbn")
@@ -174,29 +174,8 @@ def build_backbone(cfg: GPPFModelConfig, num_tasks: int, lego: bool = True, temp
                   lego_mode=cfg.lego_mode, temperature=temperature, **over)
 
 
-class Data:
-    """The run's sources: datasets (each at its own input size), tasks, class counts and splits."""
-
-    def __init__(self, cfg: GPPFConfig):
-        self.world = open_world(cfg.world)
-        self.specs: Dict[str, SourceConfig] = {}
-        self.items: Dict[str, tuple] = {}
-        for spec in list(cfg.sources) + list(cfg.downstream.sources):
-            ds, task, n = open_source(self.world, spec)
-            if spec.image_size and not spec.path:
-                ds = Resized(ds, spec.image_size)  # a world source at its task's own input size (SIMT)
-            ev = cfg.train.eval_samples if spec in cfg.sources else cfg.downstream.eval_samples
-            tr, te = split(len(ds), ev, spec.name)
-            self.specs[spec.name] = spec
-            self.items[spec.name] = (ds, task, n, tr, te)
-        self.pretraining = [s.name for s in cfg.sources]
-        self.downstream = [s.name for s in cfg.downstream.sources]
-
-    def task(self, name):
-        return self.items[name][1]
-
-    def num_classes(self, name):
-        return self.items[name][2]
+class Data(SourceData):
+    """The run's sources (:class:`~moe_recipes.recipes.common.SourceData`), with GPPF's task pairings."""
 
     def near(self, cfg: GPPFConfig, name: str) -> str:
         """The pre-training source whose path ``path_near`` reuses for downstream ``name``."""
@@ -232,15 +211,6 @@ def build_model(cfg: GPPFConfig, data: Data, sources: List[str], lego: bool = Tr
     return m
 
 
-def train_sources(data: Data, model: MultiSourceModel, names: List[str]) -> List[TrainSource]:
-    out = []
-    for n in names:
-        ds, task, _, tr, te = data.items[n]
-        spec = data.specs[n]
-        out.append(TrainSource(n, ds, tr, te, model.heads[n].collate, spec.weight, spec.loss_weight, spec.batch_size))
-    return out
-
-
 class SelectionRecorder:
     """Writes the selection probabilities of every task and lego layer to ``selection.jsonl`` every
     ``every`` steps (Fig. 11), with the temperature; rank 0 only."""
@@ -257,16 +227,6 @@ class SelectionRecorder:
                "probs": {n: [p[self.model.task_ids[n]].tolist() for p in probs] for n in self.names}}
         with open(self.path, "a") as f:
             f.write(json.dumps(rec) + "\n")
-
-
-def _final_state(folder: str):
-    ck = os.path.join(folder, "checkpoints")
-    if not os.path.isdir(ck):
-        return None
-    done = sorted(d for d in os.listdir(ck) if os.path.exists(os.path.join(ck, d, "COMPLETE")))
-    if not done:
-        return None
-    return torch.load(os.path.join(ck, done[-1], "state.pt"), map_location="cpu", weights_only=False)
 
 
 def _losses_finite(folder: str) -> dict:
@@ -301,7 +261,7 @@ def pretrain_variant(cfg: GPPFConfig, data: Data, out: str, variant: str, resume
     model = build_model(cfg, data, names, lego=lego, sync_bn=False if variant == "no_syncbn" else None)
     done = os.path.join(folder, "eval.json")
     _barrier()
-    final = _final_state(folder)
+    final = final_state(folder)
     if resume and os.path.exists(done) and final is not None and final["step"] == train.steps:
         model.load_state_dict(final["model"])
         with open(done) as f:

@@ -42,7 +42,9 @@ from ..models.multisource import MultiSourceModel
 from ..models.transformer import PRESETS, HierarchicalTransformer
 from ..tasks import PRIMARY
 from ..trainer import Trainer, TrainSource
-from .common import finetune, open_source, open_world, run_folder, split, write_config, write_json
+from .common import SourceData, final_state, finetune, run_folder, train_sources, write_config, write_json
+
+Data = SourceData  # MTHL needs nothing more of its sources
 
 STAGES = ("pretrain", "baselines", "downstream", "adapt", "continual", "report")
 ADAPT_ROWS = ("ft_full", "router_only", "router_1ex", "router_2ex", "prune_half", "prune_two_thirds",
@@ -127,29 +129,6 @@ def build_backbone(cfg: MTHLModelConfig, num_tasks: int, dense: bool = False) ->
                                    k=cfg.k, num_tasks=num_tasks, moe_options=opts, **over)
 
 
-class Data:
-    """The run's sources: datasets, tasks, class counts and splits, pre-training and downstream."""
-
-    def __init__(self, cfg: MTHLConfig):
-        self.world = open_world(cfg.world)
-        self.specs: Dict[str, SourceConfig] = {}
-        self.items: Dict[str, tuple] = {}
-        for spec in list(cfg.sources) + list(cfg.downstream.sources):
-            ds, task, n = open_source(self.world, spec)
-            ev = cfg.train.eval_samples if spec in cfg.sources else cfg.downstream.eval_samples
-            tr, te = split(len(ds), ev, spec.name)
-            self.specs[spec.name] = spec
-            self.items[spec.name] = (ds, task, n, tr, te)
-        self.pretraining = [s.name for s in cfg.sources]
-        self.downstream = [s.name for s in cfg.downstream.sources]
-
-    def task(self, name):
-        return self.items[name][1]
-
-    def num_classes(self, name):
-        return self.items[name][2]
-
-
 def build_model(cfg: MTHLConfig, data: Data, sources: List[str], dense: bool = False) -> MultiSourceModel:
     torch.manual_seed(cfg.seed)
     bb = build_backbone(cfg.model, len(sources), dense)
@@ -157,25 +136,6 @@ def build_model(cfg: MTHLConfig, data: Data, sources: List[str], dense: bool = F
     opts = {t: {"channels": cfg.model.head_channels} for t in ("det", "seg", "depth")}
     return MultiSourceModel(bb, heads, None if dense else {n: i for i, n in enumerate(sources)},
                             image_size=cfg.world.image_size, head_options=opts)
-
-
-def train_sources(data: Data, model: MultiSourceModel, names: List[str]) -> List[TrainSource]:
-    out = []
-    for n in names:
-        ds, task, _, tr, te = data.items[n]
-        spec = data.specs[n]
-        out.append(TrainSource(n, ds, tr, te, model.heads[n].collate, spec.weight, spec.loss_weight, spec.batch_size))
-    return out
-
-
-def _final_state(folder: str):
-    tr_dir = os.path.join(folder, "checkpoints")
-    if not os.path.isdir(tr_dir):
-        return None
-    done = sorted(d for d in os.listdir(tr_dir) if os.path.exists(os.path.join(tr_dir, d, "COMPLETE")))
-    if not done:
-        return None
-    return torch.load(os.path.join(tr_dir, done[-1], "state.pt"), map_location="cpu", weights_only=False)
 
 
 def pretrain_variant(cfg: MTHLConfig, data: Data, out: str, variant: str, resume: bool = True,
@@ -199,7 +159,7 @@ def pretrain_variant(cfg: MTHLConfig, data: Data, out: str, variant: str, resume
         train = dataclasses.replace(train, steps=max(int(round(train.steps * share * train.virtual_devices)), 1),
                                     virtual_devices=1)
     done = os.path.join(folder, "eval.json")
-    final = _final_state(folder)
+    final = final_state(folder)
     if resume and os.path.exists(done) and final is not None and final["step"] == train.steps:
         model.load_state_dict(final["model"])
         with open(done) as f:
