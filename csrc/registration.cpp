@@ -18,6 +18,9 @@ TORCH_LIBRARY(moe_kernels_C, m) {
   // ---- routing: (topk_weights, topk_ids, counts, offsets, slots, sources, num_dropped)
   m.def("route(Tensor logits, int k, str score, bool renormalize, int capacity, str drop_policy, int pad_to, "
         "int num_rows, bool check_values) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // the plan of given ids: (counts, offsets, slots, sources, num_dropped, num_nonlocal)
+  m.def("plan(Tensor topk_ids, Tensor priority, int num_experts, int capacity, str drop_policy, int pad_to, "
+        "int num_rows) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("route_backward(Tensor grad_weights, Tensor logits, Tensor topk_ids, str score, bool renormalize) -> Tensor");
   // (logits, then route's 7 outputs)
   m.def("task_route(Tensor x, Tensor router_weight, Tensor? task_ids, int batch_task, int k, str score, "

@@ -2,6 +2,7 @@
 
     import moe_kernels as mk
     r = mk.route(logits, k=2)                 # top-k + dispatch plan in one op
+    r = mk.plan(ids, weights, num_experts=8)  # the plan of a router outside the library
     y = mk.moe_mlp(x, r, w1, w2, "gelu")      # dispatch -> grouped expert MLP -> combine
     layer = mk.nn.MoE(dim, hidden, num_experts=8, k=2)
 
@@ -22,7 +23,7 @@ from .backends import cpu as cpu_backend  # the 0.1 name of the cpu backend's mo
 from .backends import reference
 from .ops import (combine, dispatch, grouped_gemm, grouped_mlp, load_balancing_loss, moe_mlp,
                   mutual_information_ema_update, mutual_information_loss, mutual_information_loss_ema,
-                  reconcile, route, task_route, z_loss)
+                  plan, reconcile, route, task_route, z_loss)
 from .types import Routing
 
 # Import paths of 0.1 keep working: moe_kernels.reference(.routing, ...) and moe_kernels.cpu_backend.
@@ -36,6 +37,6 @@ from . import adapt, distributed, nn, ops  # noqa: E402  (modules built on the o
 __all__ = [
     "BackendUnavailableError", "MoEKernelsError", "Routing", "__version__", "adapt", "backends", "checking_values",
     "combine", "dispatch", "distributed", "grouped_gemm", "grouped_mlp", "load_balancing_loss", "moe_mlp",
-    "mutual_information_ema_update", "mutual_information_loss", "mutual_information_loss_ema", "nn", "ops",
+    "mutual_information_ema_update", "mutual_information_loss", "mutual_information_loss_ema", "nn", "ops", "plan",
     "reconcile", "reference", "route", "set_value_checks", "task_route", "value_checks", "z_loss",
 ]

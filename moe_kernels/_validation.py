@@ -117,6 +117,47 @@ def check_index_range(t: torch.Tensor, hi: int, op: str, arg: str, *, allow_minu
         fail(op, arg, f"has value {bad} out of range [{lo}, {hi})")
 
 
+def _duplicate_local(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """``[T]`` bool: the rows of ``ids`` that hold an id in ``[0, num_experts)`` twice. Other ids
+    (not local) become distinct negative values per column, so they never collide."""
+    k = ids.shape[1]
+    local = (ids >= 0) & (ids < num_experts)
+    sentinel = -2 - torch.arange(k, device=ids.device, dtype=torch.int64)
+    s = torch.where(local, ids.to(torch.int64), sentinel).sort(dim=1).values
+    return (s[:, 1:] == s[:, :-1]).any(1)
+
+
+def check_plan_ids(ids: torch.Tensor, num_experts: int, op: str, arg: str) -> None:
+    """Given top-k ids: every value >= -1 and a row's local ids distinct (see :func:`moe_kernels.plan`)."""
+    if ids.numel() == 0:
+        return
+    mn = int(ids.min())
+    if mn < -1:
+        fail(op, arg, f"has value {mn}; an id is an expert in [0, {num_experts}), or -1 or >= {num_experts} for "
+                      "an expert not on this rank")
+    dup = _duplicate_local(ids, num_experts)
+    if bool(dup.any()):
+        t = int(dup.nonzero()[0])
+        fail(op, arg, f"names an expert twice in token {t} (row {ids[t].tolist()}); a token's experts must be "
+                      "distinct")
+
+
+def assert_plan_ids_async(ids: torch.Tensor, num_experts: int, op: str, arg: str) -> None:
+    """The sync-free form of :func:`check_plan_ids`: a device-side assertion, no host sync."""
+    if ids.numel():
+        torch._assert_async((ids >= -1).all() & ~_duplicate_local(ids, num_experts).any(),
+                            f"moe_kernels.{op}: argument '{arg}' has an id < -1 or an expert twice in a token")
+
+
+def check_priority(p: torch.Tensor, by_score: bool, op: str, arg: str) -> None:
+    """Gate weights given to :func:`moe_kernels.plan`: finite, and >= 0 when they rank assignments."""
+    check_finite(p, op, arg)
+    if by_score and p.numel() and bool((p < 0).any()):
+        bad = (p < 0).nonzero()[0].tolist()
+        fail(op, arg, f"has a negative value at index {tuple(bad)}; under drop_policy='score' the weights rank "
+                      "the assignments and must be >= 0")
+
+
 def check_offsets(offsets: torch.Tensor, num_rows: int, op: str, arg: str = "offsets") -> None:
     """offsets[0] == 0, non-decreasing, offsets[-1] <= num_rows."""
     o = offsets.to("cpu", torch.int64)

@@ -8,8 +8,8 @@ import torch
 
 
 class Routing(NamedTuple):
-    """The result of :func:`moe_kernels.route` / :func:`moe_kernels.task_route`: the top-k choice
-    and the dispatch plan for the expert-grouped buffer.
+    """The result of :func:`moe_kernels.route` / :func:`moe_kernels.task_route` /
+    :func:`moe_kernels.plan`: the top-k choice and the dispatch plan for the expert-grouped buffer.
 
     Attributes:
         topk_ids: ``[T, k]`` int32, chosen experts per token, by descending score (ties: lower id).
@@ -25,6 +25,9 @@ class Routing(NamedTuple):
             output of the fused router product, differentiable).
         score: ``"softmax"`` or ``"sigmoid"``, how the logits were turned into scores.
         capacity: capacity per expert, or -1 when dropless.
+        num_nonlocal: :func:`moe_kernels.plan` only: 0-dim int64 tensor, the number of assignments
+            to experts not on this rank (ids -1 or ``>= num_experts``; slot -1, not dropped);
+            ``None`` from ``route`` and ``task_route`` (every expert is local).
     """
 
     topk_ids: torch.Tensor
@@ -37,6 +40,7 @@ class Routing(NamedTuple):
     logits: Optional[torch.Tensor] = None
     score: str = "softmax"
     capacity: int = -1
+    num_nonlocal: Optional[torch.Tensor] = None
 
     @property
     def num_tokens(self) -> int:

@@ -37,6 +37,10 @@ def kernel_args(name: str) -> tuple:
     route_opts = (K, "softmax", True, 3, "position", 2, N)
     if name == "route":
         return (logits,) + route_opts
+    if name == "plan":  # ids with a not-local one (-1) and one of another rank (E + 2)
+        ids = r.topk_ids.clone()
+        ids[1, 0], ids[4, 1] = -1, E + 2
+        return (ids, r.topk_weights, E, 3, "score", 2, N)
     if name == "route_backward":
         return (rnd(T, K), logits, r.topk_ids, "softmax", True)
     if name == "task_route":

@@ -31,6 +31,8 @@ def _cases(B):
     buf = torch.full((3, 5), 1 / 15)
     return {
         "route": (ops.route, (lg, 2, "softmax", True, 3, "position", 2, r.num_rows, B)),
+        "plan": (ops.plan, (torch.tensor([[0, 4], [4, 2], [-1, 1], [7, 3]], dtype=torch.int32),
+                            torch.rand(4, 2), 5, 1, "score", 2, 10, B)),
         "route_backward": (ops.route_backward, (torch.randn(9, 2), logits, r.topk_ids, "softmax", True, B)),
         "task_route": (ops.task_route, (x, W, tids, -1, 2, "softmax", True, -1, "position", 1, 18, B)),
         "task_route_batch": (ops.task_route, (x, W, None, 1, 2, "sigmoid", False, 3, "score", 1, 15, B)),

@@ -105,3 +105,35 @@ def test_tiny_batches_on_every_backend(T, backend):
     (out.output.sum() + out.aux_loss).backward()
     assert out.output.shape == (T, 8) and x.grad.shape == (T, 8)
     assert int(out.routing.offsets[-1]) == (2 * T if T else 0) - int(out.routing.num_dropped)
+
+
+@st.composite
+def plan_problems(draw):
+    E = draw(st.integers(1, 9))
+    elsewhere = draw(st.integers(0, 3))  # experts on another rank (ids -1 or >= E)
+    k = draw(st.integers(1, E + elsewhere))
+    opts = dict(drop_policy=draw(st.sampled_from(["position", "score"])), pad_to=draw(st.sampled_from([1, 2, 4])))
+    cap = draw(st.sampled_from(["dropless", "capacity", "factor"]))
+    if cap == "capacity":
+        opts["capacity"] = draw(st.integers(1, 6))
+    elif cap == "factor":
+        opts["capacity_factor"] = draw(st.sampled_from([0.5, 1.0, 1.25]))
+    return dict(E=E, elsewhere=elsewhere, k=k, T=draw(st.sampled_from([0, 1, 3, 16, 31, 64])), opts=opts,
+                ties=draw(st.booleans()), seed=draw(st.integers(0, 2**16)))
+
+
+@settings(max_examples=60, **SETTINGS)
+@given(p=plan_problems())
+def test_plan_of_given_ids_matches_bit_for_bit(fast_backend, p):
+    g = torch.Generator().manual_seed(p["seed"])
+    T, E, k = p["T"], p["E"], p["k"]
+    ids = torch.stack([torch.randperm(E + p["elsewhere"], generator=g)[:k] for _ in range(T)]) if T else \
+        torch.empty(0, k, dtype=torch.int64)
+    ids = torch.where((ids >= E) & (ids % 2 == 1), -1, ids)
+    w = torch.rand(T, k, generator=g)
+    if p["ties"]:
+        w = (w * 4).round() / 4
+    ref = mk.plan(ids, w, E, backend="reference", **p["opts"])
+    got = mk.plan(ids, w, E, backend=fast_backend, **p["opts"])
+    for name in PLAN + ("num_nonlocal",):
+        assert_exact(getattr(got, name), getattr(ref, name), name)

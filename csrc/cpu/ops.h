@@ -48,6 +48,12 @@ inline void check_logits(const at::Tensor& logits, const char* op) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> route(
     const at::Tensor& logits, int64_t k, std::string_view score, bool renormalize, int64_t capacity,
     std::string_view drop_policy, int64_t pad_to, int64_t num_rows, bool check_values);
+// The plan of given ids (route's plan; ids -1 and >= num_experts are not local: slot -1, counted in
+// num_nonlocal). priority ranks under drop_policy "score" (NaN and negative rank as -inf).
+// -> (counts, offsets, slots, sources, num_dropped, num_nonlocal)
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> plan(
+    const at::Tensor& topk_ids, const at::Tensor& priority, int64_t num_experts, int64_t capacity,
+    std::string_view drop_policy, int64_t pad_to, int64_t num_rows);
 // d loss / d logits (in the logits' dtype) from d loss / d topk_weights
 at::Tensor route_backward(const at::Tensor& grad_weights, const at::Tensor& logits, const at::Tensor& topk_ids,
                           std::string_view score, bool renormalize);

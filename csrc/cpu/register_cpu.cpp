@@ -11,6 +11,7 @@ namespace mkc = moe_kernels::cpu;
 TORCH_LIBRARY_IMPL(moe_kernels_C, CPU, m) {
   m.impl("route", &mkc::route);
   m.impl("route_backward", &mkc::route_backward);
+  m.impl("plan", &mkc::plan);
   m.impl("task_route", &mkc::task_route);
   m.impl("task_route_backward", &mkc::task_route_backward);
   m.impl("dispatch", &mkc::dispatch);

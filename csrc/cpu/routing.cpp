@@ -33,15 +33,18 @@ namespace {
 
 constexpr int64_t kBlocks = 128;  // fixed: results never depend on it, only speed does
 
+// The plan. `local` (plan from given ids; nullptr for route, whose ids are all local) marks the
+// assignments to experts of this rank: the others are never kept, count for no expert and are not
+// dropped; *num_dropped counts the local assignments beyond capacity.
 template <typename acc_t>
-void plan(const int32_t* ids, const acc_t* top, int64_t T, int k, int64_t E, int64_t capacity, bool by_score,
-          int64_t pad_to, int64_t num_rows, int32_t* counts, int32_t* offsets, int32_t* slots, int32_t* sources,
-          int64_t* num_dropped) {
+void plan_rows(const int32_t* ids, const uint8_t* local, int64_t num_local, const acc_t* top, int64_t T, int k,
+               int64_t E, int64_t capacity, bool by_score, int64_t pad_to, int64_t num_rows, int32_t* counts,
+               int32_t* offsets, int32_t* slots, int32_t* sources, int64_t* num_dropped) {
   using namespace kernels;
   const Blocks blocks(T, kBlocks);
   const int64_t nb = blocks.n;
   std::vector<uint8_t> keep_buf;
-  const uint8_t* keep = nullptr;
+  const uint8_t* keep = local;
   std::vector<int64_t> hist(nb * E, 0);  // per-block histograms (chosen, then kept)
   auto histogram = [&](const uint8_t* kp) {
     std::fill(hist.begin(), hist.end(), 0);
@@ -64,7 +67,7 @@ void plan(const int32_t* ids, const acc_t* top, int64_t T, int k, int64_t E, int
   };
 
   if (capacity >= 0 && T > 0) {
-    histogram(nullptr);
+    histogram(local);
     keep_buf.assign(static_cast<size_t>(T) * k, 1);
     const std::vector<int64_t> zero(E, 0);
     if (!by_score) {
@@ -72,7 +75,7 @@ void plan(const int32_t* ids, const acc_t* top, int64_t T, int k, int64_t E, int
       at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
         for (int64_t b = b0; b < b1; ++b) {
           std::vector<int64_t> next(base.begin() + b * E, base.begin() + (b + 1) * E);
-          keep_by_position(ids, blocks.begin(b), blocks.end(b), k, capacity, next.data(), keep_buf.data());
+          keep_by_position(ids, local, blocks.begin(b), blocks.end(b), k, capacity, next.data(), keep_buf.data());
         }
       });
     } else {
@@ -88,7 +91,8 @@ void plan(const int32_t* ids, const acc_t* top, int64_t T, int k, int64_t E, int
         for (int64_t b = b0; b < b1; ++b) {
           std::vector<int64_t> next(base.begin() + b * E, base.begin() + (b + 1) * E);
           for (int64_t t = blocks.begin(b); t < blocks.end(b); ++t)
-            for (int j = 0; j < k; ++j) perm[next[ids[t * k + j]]++] = t * k + j;
+            for (int j = 0; j < k; ++j)
+              if (!local || local[t * k + j]) perm[next[ids[t * k + j]]++] = t * k + j;
         }
       });
       at::parallel_for(0, E, 1, [&](int64_t e0, int64_t e1) {
@@ -98,6 +102,8 @@ void plan(const int32_t* ids, const acc_t* top, int64_t T, int k, int64_t E, int
           keep_by_score(top, members, capacity, keep_buf.data());
         }
       });
+      if (local)  // keep_buf starts all-ones: the assignments of no local expert are not kept
+        for (int64_t a = 0; a < T * k; ++a) keep_buf[a] &= local[a];
     }
     keep = keep_buf.data();
   }
@@ -124,7 +130,7 @@ void plan(const int32_t* ids, const acc_t* top, int64_t T, int k, int64_t E, int
       assign_slots(ids, keep, blocks.begin(b), blocks.end(b), k, next.data(), slots, sources);
     }
   });
-  *num_dropped = T * k - kept;
+  *num_dropped = num_local - kept;
 }
 
 using RouteOut = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
@@ -189,9 +195,10 @@ RouteOut route_impl(const at::Tensor& logits, int64_t k, std::string_view score,
             for (int64_t j = 0; j < k; ++j) tp[t * k + j] = -std::numeric_limits<scalar_t>::infinity();
       }
     }
-    plan<scalar_t>(ids.const_data_ptr<int32_t>(), by_score ? top.const_data_ptr<scalar_t>() : nullptr, T,
-                   static_cast<int>(k), E, capacity, by_score, pad_to, num_rows, counts.data_ptr<int32_t>(),
-                   offsets.data_ptr<int32_t>(), slots.data_ptr<int32_t>(), sources.data_ptr<int32_t>(), &dropped);
+    plan_rows<scalar_t>(ids.const_data_ptr<int32_t>(), nullptr, T * k,
+                        by_score ? top.const_data_ptr<scalar_t>() : nullptr, T, static_cast<int>(k), E, capacity,
+                        by_score, pad_to, num_rows, counts.data_ptr<int32_t>(), offsets.data_ptr<int32_t>(),
+                        slots.data_ptr<int32_t>(), sources.data_ptr<int32_t>(), &dropped);
   });
   at::Tensor num_dropped = new_empty_cpu({}, at::kLong);
   *num_dropped.data_ptr<int64_t>() = dropped;
@@ -211,6 +218,49 @@ RouteOut route(const at::Tensor& logits, int64_t k, std::string_view score, bool
     fail_nonfinite("route", "logits", i, j);
   }
   return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> plan(
+    const at::Tensor& topk_ids, const at::Tensor& priority, int64_t num_experts, int64_t capacity,
+    std::string_view drop_policy, int64_t pad_to, int64_t num_rows) {
+  TORCH_CHECK(topk_ids.dim() == 2 && topk_ids.is_contiguous() && topk_ids.scalar_type() == at::kInt &&
+                  topk_ids.device().is_cpu(),
+              "moe_kernels cpu plan: topk_ids must be a contiguous int32 [T, k] CPU tensor");
+  TORCH_CHECK(priority.sizes() == topk_ids.sizes() && priority.is_contiguous() &&
+                  (priority.scalar_type() == at::kFloat || priority.scalar_type() == at::kDouble),
+              "moe_kernels cpu plan: priority must be a contiguous fp32 or fp64 tensor shaped like topk_ids");
+  const int64_t T = topk_ids.size(0), k = topk_ids.size(1), E = num_experts;
+  TORCH_CHECK(k >= 1 && E >= 1 && pad_to >= 1 && num_rows >= 0, "moe_kernels cpu plan: bad k, num_experts, "
+              "pad_to or num_rows");
+  const bool by_score = capacity >= 0 && drop_policy == "score";
+  const int32_t* ids = topk_ids.const_data_ptr<int32_t>();
+  // which assignments are local; ids of other ranks (-1, >= E) never index an expert's counters
+  std::vector<uint8_t> local(static_cast<size_t>(T * k));
+  int64_t num_local = 0;
+  for (int64_t a = 0; a < T * k; ++a) {
+    local[a] = ids[a] >= 0 && ids[a] < E ? 1 : 0;
+    num_local += local[a];
+  }
+  at::Tensor counts = new_empty_cpu({E}, at::kInt), offsets = new_empty_cpu({E + 1}, at::kInt);
+  at::Tensor slots = new_empty_cpu({T, k}, at::kInt), sources = new_empty_cpu({num_rows}, at::kInt);
+  std::fill_n(sources.data_ptr<int32_t>(), num_rows, -1);
+  int64_t dropped = 0;
+  AT_DISPATCH_FLOATING_TYPES(priority.scalar_type(), "moe_kernels_plan", [&] {
+    std::vector<scalar_t> prio;
+    if (by_score) {  // NaN and negative priorities rank as -inf (the contract's plan semantics)
+      const scalar_t* p = priority.const_data_ptr<scalar_t>();
+      prio.resize(static_cast<size_t>(T * k));
+      for (int64_t a = 0; a < T * k; ++a)
+        prio[a] = p[a] >= scalar_t(0) ? p[a] : -std::numeric_limits<scalar_t>::infinity();
+    }
+    plan_rows<scalar_t>(ids, local.data(), num_local, by_score ? prio.data() : nullptr, T, static_cast<int>(k), E,
+                        capacity, by_score, pad_to, num_rows, counts.data_ptr<int32_t>(), offsets.data_ptr<int32_t>(),
+                        slots.data_ptr<int32_t>(), sources.data_ptr<int32_t>(), &dropped);
+  });
+  at::Tensor num_dropped = new_empty_cpu({}, at::kLong), num_nonlocal = new_empty_cpu({}, at::kLong);
+  *num_dropped.data_ptr<int64_t>() = dropped;
+  *num_nonlocal.data_ptr<int64_t>() = T * k - num_local;
+  return {counts, offsets, slots, sources, num_dropped, num_nonlocal};
 }
 
 at::Tensor route_backward(const at::Tensor& grad_weights, const at::Tensor& logits, const at::Tensor& topk_ids,

@@ -135,12 +135,18 @@ inline void block_histogram(const int32_t* ids, const uint8_t* keep, int64_t t0,
 }
 
 // keep[a] = (rank of a inside its expert, in token order) < capacity; `base` is the number of
-// assignments of each expert in earlier blocks (a private copy: it is advanced).
-inline void keep_by_position(const int32_t* ids, int64_t t0, int64_t t1, int k, int64_t capacity,
-                             int64_t* base, uint8_t* keep) {
+// assignments of each expert in earlier blocks (a private copy: it is advanced). With `local`
+// (plan from given ids), an assignment to an expert not on this rank (local[a] == 0) is not kept
+// and counts for no expert.
+inline void keep_by_position(const int32_t* ids, const uint8_t* local, int64_t t0, int64_t t1, int k,
+                             int64_t capacity, int64_t* base, uint8_t* keep) {
   for (int64_t t = t0; t < t1; ++t)
     for (int j = 0; j < k; ++j) {
       const int64_t a = t * k + j;
+      if (local && !local[a]) {
+        keep[a] = 0;
+        continue;
+      }
       keep[a] = base[ids[a]]++ < capacity ? 1 : 0;
     }
 }

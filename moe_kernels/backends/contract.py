@@ -65,8 +65,10 @@ class ValueCheck:
 
     Attributes:
         kind: ``"finite"`` (no NaN or inf), ``"index"`` (every value in ``[lo, bound)``, ``lo`` = -1
-            when ``minus_one`` else 0) or ``"offsets"`` (starts at 0, non-decreasing, ends at most
-            at ``bound``).
+            when ``minus_one`` else 0), ``"offsets"`` (starts at 0, non-decreasing, ends at most
+            at ``bound``), ``"ids"`` (given expert ids of :func:`moe_kernels.plan`: every value >= -1,
+            the ids in ``[0, bound)`` of a row distinct) or ``"priority"`` (finite, and >= 0 under
+            the ``"score"`` drop policy with a capacity).
         arg: the kernel parameter it reads; with ``output``, the index of the output instead.
         name: how the error names it (the user's word for it: ``"routing.slots"``).
         bound: ``index``/``offsets``: the exclusive upper bound, from the kernel's arguments by name.
@@ -113,6 +115,10 @@ def _offsets(bound):
     return ValueCheck("offsets", "offsets", "offsets", bound=bound)
 
 
+def _experts(a):
+    return a["num_experts"]
+
+
 def _rows(arg):
     return lambda a: a[arg].shape[0]
 
@@ -129,6 +135,13 @@ _SPECS = (
                doc="scores, top-k by the upcast logit (ties: lower id) and the dispatch plan"),
     KernelSpec("route_backward", "routing", ("grad_weights", "logits", "topk_ids", "score", "renormalize"),
                ("grad_logits",), doc="d loss / d logits from d loss / d topk_weights"),
+    KernelSpec("plan", "routing",
+               ("topk_ids", "priority", "num_experts", "capacity", "drop_policy", "pad_to", "num_rows"),
+               ("counts", "offsets", "slots", "sources", "num_dropped", "num_nonlocal"),
+               checks=(ValueCheck("ids", "topk_ids", "topk_ids", bound=_experts),
+                       ValueCheck("priority", "priority", "topk_weights")),
+               doc="route's plan from given ids: ids of -1 or >= num_experts are not local (slot -1, "
+                   "counted in num_nonlocal); score priority: NaN and negative values rank as -inf"),
     KernelSpec("task_route", "routing", ("x", "router_weight", "task_ids", "batch_task") + _ROUTE,
                ("logits",) + _PLAN,
                checks=(_index("task_ids", "task_ids", lambda a: a["router_weight"].shape[0]), _finite("x"),

@@ -6,7 +6,7 @@ from .losses import (load_balancing_loss, mutual_information_ema_update, mutual_
                      mutual_information_loss_ema, z_loss)
 from .permute import combine, dispatch
 from .reconcile import reconcile
-from .routing import route, task_route
+from .routing import plan, route, task_route
 
 __all__ = ["combine", "dispatch", "grouped_gemm", "grouped_mlp", "load_balancing_loss", "moe_mlp",
            "mutual_information_ema_update", "mutual_information_loss", "mutual_information_loss_ema",

@@ -7,16 +7,17 @@ place that knows the validation policy (:func:`moe_kernels.value_checks`):
 * checking: the contract's value checks of the kernel (:attr:`KernelSpec.checks`) run before it,
   synchronously, with the clear errors of :mod:`moe_kernels._validation`, except those the kernel
   makes itself (``@checks_values``), which it is asked to make with ``check_values=True``;
-* sync-free: index and offset checks the kernel does not make become asynchronous device-side
-  assertions (``torch._assert_async``); finiteness is the kernel's NaN semantics.
+* sync-free: index, id and offset checks the kernel does not make become asynchronous device-side
+  assertions (``torch._assert_async``); finiteness is the kernel's NaN semantics (``plan``'s gate
+  weights pass through to the Routing, so a NaN among them reaches the layer's output).
 """
 
 from __future__ import annotations
 
 import torch
 
-from .._validation import (assert_index_range_async, assert_offsets_async, check_finite, check_index_range,
-                           check_offsets, checking_values)
+from .._validation import (assert_index_range_async, assert_offsets_async, assert_plan_ids_async, check_finite,
+                           check_index_range, check_offsets, check_plan_ids, check_priority, checking_values)
 from ..backends import get_kernel
 from ..backends.contract import KERNELS, device_of
 
@@ -33,16 +34,22 @@ def _check(check, op: str, named: dict) -> None:
         check_finite(t, op, check.name)
     elif check.kind == "index":
         check_index_range(t, _bound(check, named), op, check.name, allow_minus_one=check.minus_one)
+    elif check.kind == "ids":
+        check_plan_ids(t, _bound(check, named), op, check.name)
+    elif check.kind == "priority":
+        check_priority(t, named["capacity"] >= 0 and named["drop_policy"] == "score", op, check.name)
     else:
         check_offsets(t, _bound(check, named), op, check.name)
 
 
 def _assert_async(check, op: str, named: dict) -> None:
     t = named[check.arg]
-    if t is None or check.kind == "finite":
+    if t is None or check.kind in ("finite", "priority"):
         return
     if check.kind == "index":
         assert_index_range_async(t, _bound(check, named), op, check.name, allow_minus_one=check.minus_one)
+    elif check.kind == "ids":
+        assert_plan_ids_async(t, _bound(check, named), op, check.name)
     else:
         assert_offsets_async(t, _bound(check, named), op, check.name)
 

@@ -1,4 +1,5 @@
-"""Top-k routing ops: ``route`` and the task-conditioned ``task_route``."""
+"""Top-k routing ops: ``route``, the task-conditioned ``task_route`` and ``plan`` (the dispatch plan of
+ids and weights a router outside the library computed)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from .._validation import (FLOAT_DTYPES, INT_DTYPES, check, check_choice, check_
 from ..backends import resolve
 from ..backends.reference._util import acc_dtype
 from ..backends.reference.routing import plan_num_rows, resolve_capacity
+
+_INT32_MIN, _INT32_MAX = -(2 ** 31), 2 ** 31 - 1
 from ..types import Routing
 from ._runner import custom_op, run
 
@@ -126,6 +129,24 @@ def _task_route_bwd(ctx, g_logits, g_weights, *unused):
 
 
 _task_route.register_autograd(_task_route_bwd, setup_context=_task_route_setup)
+
+
+# ---------------------------------------------------------------- plan
+
+# (counts, offsets, slots, sources, num_dropped, num_nonlocal)
+_PLAN_OUT = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
+
+
+@custom_op("plan", mutates_args=())
+def _plan(topk_ids: Tensor, priority: Tensor, num_experts: int, capacity: int, drop_policy: str, pad_to: int,
+          num_rows: int, backend: str) -> _PLAN_OUT:
+    return tuple(run(backend, "plan", topk_ids, priority, num_experts, capacity, drop_policy, pad_to, num_rows))
+
+
+@_plan.register_fake
+def _(topk_ids, priority, num_experts, capacity, drop_policy, pad_to, num_rows, backend):
+    T, k = topk_ids.shape
+    return _route_shapes(priority, T, k, num_experts, num_rows)[2:] + (topk_ids.new_empty((), dtype=torch.int64),)
 
 
 # ---------------------------------------------------------------- public API
@@ -247,3 +268,64 @@ def task_route(x: Tensor, router_weight: Tensor, task_ids: Union[int, Tensor], k
     logits, *outs = _task_route(x, router_weight, ids, batch_task, k, score, renormalize, C,
                                 drop_policy, pad_to, N, name)
     return _routing(outs, logits, score, C)
+
+
+def plan(topk_ids: Tensor, topk_weights: Tensor, num_experts: int, *, capacity: Optional[int] = None,
+         capacity_factor: Optional[float] = None, min_capacity: int = 0, drop_policy: str = "position",
+         pad_to: int = 1, backend: Optional[str] = None) -> Routing:
+    """The dispatch plan of top-k ids and gate weights that the caller computed (the plan half of
+    :func:`route`), for routers that live outside the library: Hugging Face's, Megatron's,
+    DeepSeek's grouped top-k with bias correction, a custom one.
+
+    The plan has :func:`route`'s semantics and guarantees: assignments ``a = t*k + j`` grouped by
+    expert in token order, each segment padded to ``pad_to``, the static row bound, capacity with
+    both drop policies and an exact ``num_dropped``. ``topk_weights`` pass through (upcast to fp32,
+    fp64 for fp64), so the gradient of :func:`combine` / :func:`moe_mlp` flows back to them.
+
+    Expert parallelism: an id of -1, or of ``num_experts`` and more, is *not local* (an expert on
+    another rank, as transformers' EP sentinels are): the assignment gets no row (slot -1, so it
+    adds nothing to this rank's output) and is counted in ``Routing.num_nonlocal``, never dropped
+    and never misrouted. ``k`` may exceed ``num_experts`` for the same reason.
+
+    Args:
+        topk_ids: ``[T, k]`` integer tensor of expert ids (int32 or int64), contiguous; a token's
+            local ids must be distinct.
+        topk_weights: ``[T, k]`` float gate weights, same device, finite. Under
+            ``drop_policy="score"`` they are the priorities (the highest are kept, ties by token
+            order) and must be >= 0.
+        num_experts: the experts of this rank, ``E >= 1``.
+        capacity, capacity_factor, min_capacity, drop_policy, pad_to, backend: as in :func:`route`
+            (``capacity_factor`` gives ``max(min_capacity, ceil(capacity_factor * T * k / E))``).
+
+    Returns:
+        :class:`moe_kernels.Routing` with ``topk_ids`` as int32 and ``logits=None``.
+
+    Example:
+        >>> ids = torch.tensor([[0, 2], [2, 1], [5, 0]])      # 5: an expert on another rank
+        >>> r = plan(ids, torch.full((3, 2), 0.5), num_experts=3)
+        >>> r.counts.tolist(), r.slots.tolist(), int(r.num_nonlocal)
+        ([2, 1, 2], [[0, 3], [4, 2], [-1, 1]], 1)
+    """
+    op = "plan"
+    check_tensor(topk_ids, op, "topk_ids", ndim=2, dtypes=INT_DTYPES)
+    check_tensor(topk_weights, op, "topk_weights", ndim=2, dtypes=FLOAT_DTYPES)
+    check_same_device(op, "topk_ids", topk_ids, topk_weights=topk_weights)
+    check(tuple(topk_weights.shape) == tuple(topk_ids.shape), op, "topk_weights",
+          f"must have the shape of topk_ids {tuple(topk_ids.shape)}, got {tuple(topk_weights.shape)}")
+    T, k = topk_ids.shape
+    check(k >= 1, op, "topk_ids", f"must have at least one column (shape [T, k], k >= 1), got {tuple(topk_ids.shape)}")
+    check_int(num_experts, op, "num_experts", lo=1)
+    _check_options(op, 1, num_experts, score="softmax", renormalize=True, capacity=capacity,
+                   capacity_factor=capacity_factor, min_capacity=min_capacity, drop_policy=drop_policy,
+                   pad_to=pad_to)
+    E = num_experts
+    C = resolve_capacity(T, k, E, capacity, capacity_factor, min_capacity)
+    N = plan_num_rows(T, k, E, C, pad_to)
+    if topk_ids.dtype != torch.int32:  # exact for every id int32 holds; beyond it, still not local
+        topk_ids = topk_ids.clamp(_INT32_MIN, _INT32_MAX).to(torch.int32)
+    weights = topk_weights.to(acc_dtype(topk_weights.dtype))
+    name = resolve(op, topk_ids.device, backend)
+    counts, offsets, slots, sources, dropped, nonlocal_ = _plan(topk_ids, weights.detach(), E, C, drop_policy,
+                                                               pad_to, N, name)
+    return Routing(topk_ids=topk_ids, topk_weights=weights, counts=counts, offsets=offsets, slots=slots,
+                   sources=sources, num_dropped=dropped, logits=None, capacity=C, num_nonlocal=nonlocal_)

@@ -11,6 +11,10 @@ def route(logits, k, score, renormalize, capacity, drop_policy, pad_to, num_rows
     return call("route", logits, k, score, renormalize, capacity, drop_policy, pad_to, num_rows, check_values)
 
 
+def plan(topk_ids, priority, num_experts, capacity, drop_policy, pad_to, num_rows):
+    return call("plan", topk_ids, priority, num_experts, capacity, drop_policy, pad_to, num_rows)
+
+
 def route_backward(grad_weights, logits, topk_ids, score, renormalize):
     return call("route_backward", grad_weights, logits, topk_ids, score, renormalize)
 

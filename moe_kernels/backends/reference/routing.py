@@ -21,6 +21,7 @@ Semantics (every backend reproduces the integer outputs bit-exactly):
 from __future__ import annotations
 
 from fractions import Fraction
+from typing import Optional
 
 import torch
 
@@ -90,18 +91,25 @@ def _rank_in_expert(expert: torch.Tensor, order: torch.Tensor, counts: torch.Ten
 
 
 def build_plan(topk_ids: torch.Tensor, topk_scores: torch.Tensor, num_experts: int, capacity: int,
-               drop_policy: str, pad_to: int, num_rows: int):
-    """counts, offsets, slots, sources, num_dropped from the top-k selection (see module docstring)."""
+               drop_policy: str, pad_to: int, num_rows: int, local: Optional[torch.Tensor] = None):
+    """counts, offsets, slots, sources, num_dropped from the top-k selection (see module docstring).
+
+    ``local`` (``[T, k]`` bool, :func:`plan` only) marks the assignments to experts of this rank;
+    the others get no row (slot -1) and are not counted as dropped.
+    """
     T, k = topk_ids.shape
     dev = topk_ids.device
     E = num_experts
     expert = topk_ids.reshape(-1).to(torch.int64)  # assignment a = t*k + j
+    if local is not None:
+        local = local.reshape(-1)
+        expert = torch.where(local, expert, E)  # not local: the sentinel bucket E, never kept
     token = torch.arange(T, device=dev).repeat_interleave(k)
 
     if capacity < 0:
         keep = torch.ones_like(expert, dtype=torch.bool)
     else:
-        all_counts = bincount(expert, E)
+        all_counts = bincount(expert, E + 1)
         if drop_policy == "position":
             order = torch.sort(expert, stable=True).indices  # token order inside each expert
         else:
@@ -109,6 +117,8 @@ def build_plan(topk_ids: torch.Tensor, topk_scores: torch.Tensor, num_experts: i
             by_score = torch.sort(topk_scores.reshape(-1), descending=True, stable=True).indices
             order = by_score[torch.sort(expert[by_score], stable=True).indices]
         keep = _rank_in_expert(expert, order, all_counts) < capacity
+    if local is not None:
+        keep = keep & local
 
     key = torch.where(keep, expert, torch.full_like(expert, E))  # dropped go to a sentinel bucket E
     buckets = bincount(key, E + 1)
@@ -124,9 +134,30 @@ def build_plan(topk_ids: torch.Tensor, topk_scores: torch.Tensor, num_experts: i
     sources = torch.full((num_rows + 1,), -1, dtype=torch.int32, device=dev)
     sources.scatter_(0, torch.where(keep, slot, num_rows), torch.where(keep, token, -1).to(torch.int32))
     sources = sources[:num_rows]
-    num_dropped = (~keep).sum()
+    dropped = ~keep if local is None else ~keep & local
     return (counts.to(torch.int32), offsets.to(torch.int32), slot.view(T, k).to(torch.int32),
-            sources, num_dropped.to(torch.int64))
+            sources, dropped.sum().to(torch.int64))
+
+
+def local_mask(topk_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Which assignments go to an expert of this rank: ids in ``[0, num_experts)``; -1 and ids of
+    ``num_experts`` and more are "not local" (expert parallelism's sentinels)."""
+    return (topk_ids >= 0) & (topk_ids < num_experts)
+
+
+def plan(topk_ids: torch.Tensor, priority: torch.Tensor, num_experts: int, capacity: int, drop_policy: str,
+         pad_to: int, num_rows: int):
+    """The dispatch plan of given ids: route's plan semantics, with not-local ids left out.
+
+    ``priority`` ranks the assignments of an expert under ``drop_policy="score"`` (ties by token
+    order); it is unused otherwise. Returns counts, offsets, slots, sources, num_dropped (capacity
+    drops of local assignments) and num_nonlocal.
+    """
+    local = local_mask(topk_ids, num_experts)
+    if capacity >= 0 and drop_policy == "score":  # NaN and negative priorities rank as -inf
+        priority = torch.where(priority >= 0, priority, -torch.inf)
+    out = build_plan(topk_ids, priority, num_experts, capacity, drop_policy, pad_to, num_rows, local=local)
+    return out + ((~local).sum().to(torch.int64),)
 
 
 def route(logits: torch.Tensor, k: int, score: str, renormalize: bool, capacity: int, drop_policy: str,

@@ -173,33 +173,33 @@ def _threshold_kernel(ids_ptr, prio_ptr, thr_v_ptr, thr_tau_ptr, T, E, C, TDIGIT
 
 
 @triton.jit
-def _block_assignments(ids_ptr, prio_ptr, thr_v_ptr, thr_tau_ptr, rows, rmask,
+def _block_assignments(ids_ptr, prio_ptr, thr_v_ptr, thr_tau_ptr, rows, rmask, E,
                        K: tl.constexpr, KP: tl.constexpr, SCORE: tl.constexpr):
-    """A block's [BT, KP] expert ids and which assignments count (exist; under score priority: are
-    kept by the expert's threshold)."""
+    """A block's [BT, KP] expert ids and which assignments count: they exist, go to an expert of
+    this rank (ids in [0, E): ``plan`` leaves the others out) and, under score priority, are kept
+    by the expert's threshold."""
     r64 = rows.to(tl.int64)
     kc = tl.arange(0, KP)
     km = rmask[:, None] & (kc < K)[None, :]
     addr = r64[:, None] * K + kc[None, :]
     ids = tl.load(ids_ptr + addr, mask=km, other=-1)
+    counted = km & (ids >= 0) & (ids < E)
     if SCORE:
         key = _key(tl.load(prio_ptr + addr, mask=km, other=0.0))
-        v = tl.load(thr_v_ptr + ids, mask=km, other=0)
-        tau = tl.load(thr_tau_ptr + ids, mask=km, other=0)
-        counted = km & ((key > v) | ((key == v) & (r64[:, None] < tau)))
-    else:
-        counted = km
+        v = tl.load(thr_v_ptr + ids, mask=counted, other=0)
+        tau = tl.load(thr_tau_ptr + ids, mask=counted, other=0)
+        counted = counted & ((key > v) | ((key == v) & (r64[:, None] < tau)))
     return ids, counted
 
 
 @triton.jit
-def _score_hist_kernel(ids_ptr, prio_ptr, thr_v_ptr, thr_tau_ptr, hist_ptr, T, E,
-                       K: tl.constexpr, KP: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr):
-    """Per-block histogram of the assignments kept under score priority."""
+def _hist_kernel(ids_ptr, prio_ptr, thr_v_ptr, thr_tau_ptr, hist_ptr, T, E,
+                 K: tl.constexpr, KP: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr, SCORE: tl.constexpr):
+    """Per-block histogram of the local assignments (SCORE: of those kept under score priority)."""
     pid = tl.program_id(0)
     rows = pid * BT + tl.arange(0, BT)
     cols = tl.arange(0, BE)
-    ids, counted = _block_assignments(ids_ptr, prio_ptr, thr_v_ptr, thr_tau_ptr, rows, rows < T, K, KP, True)
+    ids, counted = _block_assignments(ids_ptr, prio_ptr, thr_v_ptr, thr_tau_ptr, rows, rows < T, E, K, KP, SCORE)
     hit = (ids[:, :, None] == cols[None, None, :]) & counted[:, :, None]
     oh = tl.sum(tl.where(hit, 1, 0), axis=1)
     tl.store(hist_ptr + pid.to(tl.int64) * E + cols, tl.sum(oh, axis=0), mask=cols < E)
@@ -244,7 +244,7 @@ def _slots_kernel(ids_ptr, prio_ptr, thr_v_ptr, thr_tau_ptr, base_ptr, offsets_p
     cols = tl.arange(0, BE)
     cmask = cols < E
     kc = tl.arange(0, KP)
-    ids, keep = _block_assignments(ids_ptr, prio_ptr, thr_v_ptr, thr_tau_ptr, rows, rmask, K, KP, POLICY == 2)
+    ids, keep = _block_assignments(ids_ptr, prio_ptr, thr_v_ptr, thr_tau_ptr, rows, rmask, E, K, KP, POLICY == 2)
     match = ids[:, :, None] == cols[None, None, :]  # [BT, KP, BE]; a token has an expert at most once
     oh = tl.sum(tl.where(match & keep[:, :, None], 1, 0), axis=1)
     base = tl.load(base_ptr + pid.to(tl.int64) * E + cols, mask=cmask, other=0)
@@ -253,7 +253,7 @@ def _slots_kernel(ids_ptr, prio_ptr, thr_v_ptr, thr_tau_ptr, base_ptr, offsets_p
     if POLICY == 1:
         keep = keep & (rank < C)
     km = rmask[:, None] & (kc < K)[None, :]
-    off = tl.load(offsets_ptr + ids, mask=km, other=0)
+    off = tl.load(offsets_ptr + ids, mask=keep, other=0)
     slot = tl.where(keep, off + rank, -1)
     tl.store(slots_ptr + r64[:, None] * K + kc[None, :], slot, mask=km)
     tl.store(sources_ptr + slot.to(tl.int64), rows[:, None] + kc[None, :] * 0, mask=keep)

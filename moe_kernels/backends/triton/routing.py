@@ -74,7 +74,22 @@ def _plan(T, E, k, dev, acc, score, renormalize, capacity, drop_policy, pad_to, 
             task_ids if task == 2 else ids, batch_task, T, E, D, logits, ids, weights, prio, hist,
             K=k, KP=pow2(k), BT=BT, BE=BE, BD=BD, SOFTMAX=score == "softmax", RENORM=bool(renormalize),
             FP64=fp64, TASK=task, HIST=policy != 2, PRIO=policy == 2, TINY=_TINY)
-        thr_v = thr_tau = hist
+    _plan_passes(ids, prio, hist, base, counts, offsets, slots, sources, dropped, T, E, k, BT, BE, NB, policy,
+                 capacity, pad_to, fp64, histogram=False)
+    plan = (weights, ids, counts, offsets, slots, sources, dropped)
+    return (logits,) + plan if task else plan
+
+
+def _plan_passes(ids, prio, hist, base, counts, offsets, slots, sources, dropped, T, E, k, BT, BE, NB, policy,
+                 capacity, pad_to, fp64, histogram):
+    """Passes 2-4 of the plan (the module docstring) once the ids (and, under score priority, the
+    priorities) exist; ``histogram``: the blocks' histograms are not yet written (``plan``)."""
+    J = _jit()
+    dev = ids.device
+    thr_v = thr_tau = hist
+    if T > 0:
+        if histogram and policy != 2:
+            J._hist_kernel[(NB,)](ids, prio, hist, hist, hist, T, E, K=k, KP=pow2(k), BT=BT, BE=BE, SCORE=False)
         if policy == 2:
             thr_v = torch.empty(E, dtype=torch.int64, device=dev)
             thr_tau = torch.empty(E, dtype=torch.int64, device=dev)
@@ -84,14 +99,35 @@ def _plan(T, E, k, dev, acc, score, renormalize, capacity, drop_policy, pad_to, 
             J._threshold_kernel[(cdiv(E, BEP),)](ids, prio, thr_v, thr_tau, T, E, capacity,
                                                  cdiv(T.bit_length(), 4), K=k, BA=BA, BEP=BEP,
                                                  VDIGITS=16 if fp64 else 8)
-            J._score_hist_kernel[(NB,)](ids, prio, thr_v, thr_tau, hist, T, E, K=k, KP=pow2(k), BT=BT, BE=BE)
+            J._hist_kernel[(NB,)](ids, prio, thr_v, thr_tau, hist, T, E, K=k, KP=pow2(k), BT=BT, BE=BE, SCORE=True)
     J._scan_kernel[(1,)](hist, base, counts, offsets, dropped, NB, E, capacity, pad_to, T * k,
                          BNB=max(1, min(pow2(NB), 4096 // BE)), BE=BE, CAP_BY_RANK=policy == 1)
     if T > 0:
         J._slots_kernel[(NB,)](ids, prio, thr_v, thr_tau, base, offsets, slots, sources, T, E, capacity,
                                K=k, KP=pow2(k), BT=BT, BE=BE, POLICY=policy)
-    plan = (weights, ids, counts, offsets, slots, sources, dropped)
-    return (logits,) + plan if task else plan
+
+
+def plan(topk_ids, priority, num_experts, capacity, drop_policy, pad_to, num_rows):
+    T, k = topk_ids.shape
+    E = num_experts
+    dev = topk_ids.device
+    i32 = dict(dtype=torch.int32, device=dev)
+    slots = torch.empty(T, k, **i32)
+    counts = torch.empty(E, **i32)
+    offsets = torch.empty(E + 1, **i32)
+    sources = torch.full((num_rows,), -1, **i32)
+    dropped = torch.empty((), dtype=torch.int64, device=dev)
+    BE = pow2(E)
+    BT = _block_t(BE, pow2(k))
+    NB = cdiv(T, BT)
+    policy = 0 if capacity < 0 else (1 if drop_policy == "position" else 2)
+    hist = torch.zeros(max(NB, 1), E, **i32)
+    base = torch.empty_like(hist)
+    _plan_passes(topk_ids, priority, hist, base, counts, offsets, slots, sources, dropped, T, E, k, BT, BE, NB,
+                 policy, capacity, pad_to, is_fp64(priority), histogram=True)
+    # the scan counts every assignment without a row as dropped: the not-local ones are not
+    nonlocal_ = ((topk_ids < 0) | (topk_ids >= E)).sum(dtype=torch.int64)
+    return counts, offsets, slots, sources, dropped - nonlocal_, nonlocal_
 
 
 def route(logits, k, score, renormalize, capacity, drop_policy, pad_to, num_rows):
