@@ -10,4 +10,4 @@ from .routing import plan, route, task_route
 
 __all__ = ["combine", "dispatch", "grouped_gemm", "grouped_mlp", "load_balancing_loss", "moe_mlp",
            "mutual_information_ema_update", "mutual_information_loss", "mutual_information_loss_ema",
-           "reconcile", "route", "task_route", "z_loss"]
+           "plan", "reconcile", "route", "task_route", "z_loss"]
