@@ -6,6 +6,8 @@ import torch.nn.functional as F
 
 import moe_kernels as mk
 
+from moe_kernels.ops._runner import run as kernel
+
 from .helpers import TOL
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
@@ -140,3 +142,64 @@ def test_moe_mlp_equals_dense_top_k_mixture(mode, backend):
     gb = torch.autograd.grad(want, [x, logits, w1, w2, b1, b2], g)
     for a, b in zip(ga, gb):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)  # fp32, different summation orders
+
+
+# ---------------------------------------------------------------- weights stored transposed
+
+def _transposed(w):
+    """``w``'s values in the layout Hugging Face stores expert weights: the transpose(1, 2) view of
+    a contiguous [E, out, in] tensor."""
+    return w.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("act", ["gelu", "swiglu"])
+def test_transposed_weights_are_read_in_place(act, dtype, backend):
+    """w1 and w2 as transpose(1, 2) views: the same outputs and gradients as the contiguous
+    weights (bit for bit: the same values through the same GEMMs on either layout is not promised,
+    so the dtype's tolerance), and weight gradients in the weight's own layout (no copy anywhere)."""
+    g = torch.Generator().manual_seed(0)
+    T, E, k, d, h = 29, 5, 2, 7, 6
+    h1 = 2 * h if act == "swiglu" else h
+    x = torch.randn(T, d, generator=g).to(dtype)
+    r = mk.route(torch.randn(T, E, generator=g), k, capacity=9, pad_to=2)
+    base = [torch.randn(E, d, h1, generator=g).to(dtype) / d ** 0.5, torch.randn(E, h, d, generator=g).to(dtype),
+            torch.randn(E, h1, generator=g).to(dtype), torch.randn(E, d, generator=g).to(dtype)]
+    gout = torch.randn(T, d, generator=g).to(dtype)
+
+    def run(transposed, backend):
+        ps = [(_transposed(p) if transposed and p.dim() == 3 else p.clone()).requires_grad_() for p in base]
+        xx = x.clone().requires_grad_()
+        out = mk.moe_mlp(xx, r, ps[0], ps[1], act, ps[2], ps[3], backend=backend)
+        out.backward(gout)
+        xe = mk.dispatch(x, r)
+        gemm = mk.grouped_gemm(xe, r.offsets, ps[0].detach(), backend=backend)
+        mlp = mk.grouped_mlp(xe, r.offsets, ps[0], ps[1], act, ps[2], ps[3], backend=backend)
+        return ps, [out, xx.grad, gemm, mlp] + [p.grad for p in ps]
+
+    ps, got = run(True, backend)
+    _, want = run(False, "reference")
+    # the kernels' own weight gradients (autograd would re-layout a mismatched one: a copy)
+    w1, w2, b1, b2 = (p.detach() for p in ps)
+    xe = mk.dispatch(x, r)
+    gw = kernel(backend, "grouped_gemm_backward", mk.grouped_gemm(xe, r.offsets, w1), xe, r.offsets, w1,
+                True, True)[1]
+    z = kernel(backend, "grouped_mlp", xe, r.offsets, w1, w2, b1, b2, act)[1]
+    mlp = kernel(backend, "grouped_mlp_backward", xe[:, :d], xe, z, r.offsets, w1, w2, b1, b2, act)
+    z = kernel(backend, "moe_mlp", x, r.topk_weights, r.slots, r.sources, r.offsets, w1, w2, b1, b2, act)[1]
+    layer = kernel(backend, "moe_mlp_backward", gout, x, z, r.topk_weights, r.slots, r.sources, r.offsets, w1,
+                   w2, b1, b2, act, True, True, True)
+    for name, g, w in (("grouped_gemm", gw, w1), ("grouped_mlp w1", mlp[1], w1), ("grouped_mlp w2", mlp[2], w2),
+                       ("moe_mlp w1", layer[2], w1), ("moe_mlp w2", layer[3], w2)):
+        assert g.stride() == w.stride(), f"{name}: the weight gradient is not in the weight's layout"
+    tol = TOL[dtype]
+    for i, (a, b) in enumerate(zip(got, want)):
+        scale = max(float(b.detach().abs().max()), 1.0)
+        torch.testing.assert_close(a, b, rtol=tol["rtol"], atol=tol["atol"] * scale, msg=f"output {i}")
+
+
+def test_weights_in_another_layout_are_refused():
+    x, o = torch.randn(4, 6), torch.tensor([0, 2, 4], dtype=torch.int32)
+    w = torch.randn(2, 12, 6)[:, ::2]  # [2, 6, 6], strided
+    with pytest.raises(mk.MoEKernelsError, match="argument 'w' must be contiguous or the transpose"):
+        mk.grouped_gemm(x, o, w)

@@ -69,8 +69,11 @@ void zero_rows_from(at::Tensor& t, int64_t used) {
 // A per-expert gradient [E, ...] whose experts with rows are all overwritten by out= GEMMs: only the
 // experts without rows need zeros (zero-filling all of it cost 13% of a step at E=64). It comes from
 // the workspace pool: at E=64 the expert gradients are 64 dense MLPs' worth of fresh pages per step.
+// It has w's layout: a weight given as the transpose(1, 2) of a contiguous tensor (Hugging Face's
+// [E, out, in] experts, used in place) gets its gradient in that layout, so nothing copies it.
 at::Tensor expert_grad_like(const at::Tensor& w, const std::vector<Segment>& segs) {
-  at::Tensor g = workspace_empty_like(w);
+  at::Tensor g = w.is_contiguous() ? workspace_empty_like(w)
+                                   : workspace_empty({w.size(0), w.size(2), w.size(1)}, w.options()).transpose(1, 2);
   std::vector<bool> has_rows(w.size(0), false);
   for (const auto& s : segs) has_rows[s.e] = true;
   for (int64_t e = 0; e < w.size(0); ++e)

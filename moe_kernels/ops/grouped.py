@@ -7,12 +7,22 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .._validation import FLOAT_DTYPES, check, check_choice, check_same_device, check_tensor
+from .._validation import FLOAT_DTYPES, check, check_choice, check_same_device, check_tensor, fail
 from ..backends import resolve
 from ..backends.reference.grouped import ACTIVATIONS
 from ..types import Routing
 from ._runner import custom_op, run
 from .permute import _check_routing
+
+
+def _check_weight(t, op: str, arg: str) -> None:
+    """An expert weight ``[E, a, b]``: contiguous, or the ``transpose(1, 2)`` of a contiguous
+    ``[E, b, a]`` (how Hugging Face stores ``nn.Linear``-style expert weights), so those are used
+    in place, never copied. Every backend reads either layout; weight gradients get the weight's."""
+    check_tensor(t, op, arg, ndim=3, dtypes=FLOAT_DTYPES, contiguous=False)
+    if not (t.is_contiguous() or t.transpose(1, 2).is_contiguous()):
+        fail(op, arg, f"must be contiguous or the transpose(1, 2) of a contiguous tensor (strides {t.stride()} "
+                      f"for shape {tuple(t.shape)}); call .contiguous() first")
 
 
 def _empty_if_none(t: Optional[Tensor], like: Tensor) -> Tensor:
@@ -187,14 +197,15 @@ def grouped_gemm(x: Tensor, offsets: Tensor, w: Tensor, *, backend: Optional[str
     Args:
         x: ``[N, a]`` rows grouped by expert.
         offsets: ``[E + 1]`` int32, ``offsets[0] == 0``, non-decreasing, ``offsets[E] <= N``.
-        w: ``[E, a, b]``, same dtype and device as ``x``.
+        w: ``[E, a, b]``, same dtype and device as ``x``; contiguous, or the ``transpose(1, 2)``
+            of a contiguous ``[E, b, a]`` (used in place; its gradient gets the same layout).
 
     Returns:
         ``[N, b]`` in ``x.dtype``; rows past ``offsets[E]`` are zero.
     """
     op = "grouped_gemm"
     check_tensor(x, op, "x", ndim=2, dtypes=FLOAT_DTYPES)
-    check_tensor(w, op, "w", ndim=3, dtypes=FLOAT_DTYPES)
+    _check_weight(w, op, "w")
     check(w.dtype == x.dtype, op, "w", f"must have the dtype of x ({x.dtype}), got {w.dtype}")
     check(w.shape[1] == x.shape[1], op, "w",
           f"must have shape [E, a, b] with a={x.shape[1]} (columns of x), got {tuple(w.shape)}")
@@ -206,8 +217,8 @@ def grouped_gemm(x: Tensor, offsets: Tensor, w: Tensor, *, backend: Optional[str
 def _check_mlp(op, x, w1, w2, b1, b2, activation):
     check_tensor(x, op, "x", ndim=2, dtypes=FLOAT_DTYPES)
     check_choice(activation, op, "activation", ACTIVATIONS)
-    check_tensor(w1, op, "w1", ndim=3, dtypes=FLOAT_DTYPES)
-    check_tensor(w2, op, "w2", ndim=3, dtypes=FLOAT_DTYPES)
+    _check_weight(w1, op, "w1")
+    _check_weight(w2, op, "w2")
     E, d = w1.shape[0], x.shape[1]
     h = w2.shape[1]
     h1 = 2 * h if activation == "swiglu" else h
@@ -233,7 +244,9 @@ def grouped_mlp(x: Tensor, offsets: Tensor, w1: Tensor, w2: Tensor, activation: 
     Args:
         x: ``[N, d]`` rows grouped by expert; ``offsets`` as in :func:`grouped_gemm`.
         w1: ``[E, d, h]`` (``[E, d, 2h]`` for ``"swiglu"``: ``silu(z[:, :h]) * z[:, h:]``).
-        w2: ``[E, h, d_out]``; b1 ``[E, h or 2h]`` and b2 ``[E, d_out]`` optional.
+        w2: ``[E, h, d_out]``; b1 ``[E, h or 2h]`` and b2 ``[E, d_out]`` optional. ``w1`` and
+            ``w2`` may also be ``transpose(1, 2)`` views of contiguous tensors (Hugging Face's
+            ``[E, out, in]`` expert weights), read in place.
         activation: ``"gelu"`` (exact, erf), ``"relu"``, ``"silu"`` or ``"swiglu"``.
 
     Returns:
