@@ -229,8 +229,8 @@ def _mi_finish_kernel(part_ptr, buf_ptr, grad_ptr, loss_ptr, gs_ptr, NB, M, E, E
             gJ = g * (dPE - dJ)
         gQ = tl.where(m2, gJ / M, 0.0)
         Qa = S / Zc
-        gS = (gQ - tl.sum(tl.where(m2, gQ * Qa, 0.0), axis=1)[:, None]) / Zc
-        gS = tl.where(Z != 0, gS, 0.0)
+        Zd = tl.where(Z != 0, Zc, 1.0)  # absent tasks get 0 (and no inf on the way)
+        gS = tl.where(Z != 0, (gQ - tl.sum(tl.where(m2, gQ * Qa, 0.0), axis=1)[:, None]) / Zd, 0.0)
         tl.store(gs_ptr + off, gS, mask=m2)
 
 
