@@ -217,7 +217,8 @@ def _mi_finish_kernel(part_ptr, buf_ptr, grad_ptr, loss_ptr, gs_ptr, NB, M, E, E
         else:
             hJ = tl.where(m2, J * tl.log(_clamp_min(J, MI_EPS)), 0.0)
             hE = tl.where((ti == 0)[:, None] & m2, PE * tl.log(_clamp_min(PE, MI_EPS)), 0.0)
-            loss = -tl.sum(tl.sum(hJ, axis=1), axis=0) + tl.sum(tl.sum(hE, axis=1), axis=0) - tl.sum(tl.log(_const(0.0, FP64) + M), axis=0)
+            log_m = tl.sum(tl.log(_const(0.0, FP64) + M), axis=0)  # log M in the accumulation dtype
+            loss = -tl.sum(tl.sum(hJ, axis=1), axis=0) + tl.sum(tl.sum(hE, axis=1), axis=0) - log_m
         tl.store(loss_ptr, loss)
     else:
         g = _up(tl.load(grad_ptr), FP64)
