@@ -94,8 +94,11 @@ def test_empty_aux_is_a_copy():
 # ---- batch_norm: conv1x1 -> BatchNorm (training) -> act per link, fused ------------------------
 
 CPU = BACKENDS["cpu"]
+TRITON = BACKENDS["triton"]
 BACKENDS_UNDER_TEST = ["reference", pytest.param("cpu", marks=pytest.mark.skipif(
-    not CPU.available, reason=f"cpu backend unavailable: {CPU.reason}"))]
+    not CPU.available, reason=f"cpu backend unavailable: {CPU.reason}")),
+    pytest.param("triton", marks=pytest.mark.skipif(
+        not TRITON.available, reason=f"triton backend unavailable: {TRITON.reason}"))]
 
 
 def _close(actual, expected, dtype, what, k=1.0, floor=1e-12):

@@ -8,10 +8,16 @@ Kernels in this version (each under its contract name, :mod:`moe_kernels.backend
   router product inside ``task_route``.
 * ``permute``: ``dispatch``, ``dispatch_backward``, ``combine``, ``combine_backward`` — row gathers
   and gather-sums over each token's k slots (no atomics).
+* ``losses``: ``load_balancing_loss``, ``z_loss``, ``mutual_information_loss``,
+  ``mutual_information_loss_ema`` (and their backward) — per-block partial sums added in block
+  order by one program; ``mutual_information_ema_update`` is delegated to the reference.
+* ``reconcile``: ``reconcile``, ``reconcile_backward`` — every link's GEMM with bias, BatchNorm
+  (batch statistics in a fixed-order second pass), activation and the residual sum in the
+  epilogue; the backward gives dW, db and the BN affine gradients only.
 
 Not yet here (an op without a kernel runs elsewhere only by automatic choice; asking for
 ``backend="triton"`` for it raises :class:`~moe_kernels.backends.BackendUnavailableError`):
-``grouped_gemm``, ``grouped_mlp``, ``moe_mlp`` (and their backward), the losses and ``reconcile``.
+``grouped_gemm``, ``grouped_mlp``, ``moe_mlp`` (and their backward).
 
 Devices: CUDA tensors; CPU tensors too when ``TRITON_INTERPRET=1`` is set before moe_kernels is
 imported (triton's interpreter: the way the tests run these kernels on a CPU machine). Automatic
