@@ -84,6 +84,12 @@ def info(out=sys.stdout) -> int:
     for dev, prefs in PREFERENCE.items():
         chosen = next((p for p in prefs if BACKENDS[p].available), "reference")
         row(f"auto on {dev}", f"{chosen}  (preference {' > '.join(prefs)})")
+    print("\nintegrations", file=out)
+    print("-" * 72, file=out)
+    from moe_kernels.integrations import transformers as hf  # imports transformers only if present
+
+    ok, why = hf.available()
+    row("transformers", f"{'available' if ok else 'NOT available'}: {why}")
     print("\noptional peers and tools", file=out)
     print("-" * 72, file=out)
     for mod in ("triton", "deepspeed", "transformers", "megatron.core", "ninja", "pytest_benchmark"):
