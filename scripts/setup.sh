@@ -24,7 +24,7 @@ RECIPES=("tqdm==4.70.1" "matplotlib==3.11.2" "pytorch-optimizer==4.1.0" "pillow=
          "deepspeed==0.19.8")
 case "${1:-}" in
   recipes) pip install -q "${RECIPES[@]}" ;;
-  test)  pip install -q "pytest>=7" "pytest-benchmark>=4" "hypothesis==6.170.17" "${RECIPES[@]}" \
+  test)  pip install -q "pytest>=7" "pytest-benchmark>=4" "hypothesis==6.170.17" "${RECIPES[@]}" "transformers==5.23.0" \
                         "triton==3.9.0" ;;
   bench) pip install -q "pytest>=7" "pytest-benchmark>=4" "hypothesis==6.170.17" "deepspeed==0.19.8" \
                         "transformers==5.23.0" "megatron-core==0.16.1" ;;
