@@ -57,6 +57,21 @@ def _upcast(t: torch.Tensor) -> bool:
     return interpreting() and t.dtype in (torch.float16, torch.bfloat16)
 
 
+#: fp64 GEMMs: "dot" (tl.dot, the interpreter's numpy matmul), "sum" (products and tl.sum, the path a
+#: GPU takes: the GPUs have no fp64 tl.dot) or None: "dot" when interpreting, else "sum"
+FP64_PATH = None
+
+
+def _dot64() -> bool:
+    return (FP64_PATH or ("dot" if interpreting() else "sum")) == "dot"
+
+
+def _acc(t: torch.Tensor):
+    """The accumulation dtype as a triton dtype (fp64 for fp64, else fp32)."""
+    tl = _jit().tl
+    return tl.float64 if is_fp64(t) else tl.float32
+
+
 def _rows_cfg(N: int, E: int, K: int, NC: int, fp64: bool) -> tuple:
     """(BM, BN, BK, num_warps) of the varlen-M GEMM."""
     if interpreting():
@@ -95,7 +110,8 @@ def _rows(a, offsets, w, out, *, K, NC, lda, trans=False, src=None, act_in=False
         N, K, NC, E, lda, out.stride(0), half, s0, sbk, sbn,
         BM=BM, BN=BN, BK=BK, BE=pow2(E), GATHER=src is not None, ACT_IN=bool(act_in), ACT=act,
         HAS_BIAS=bias is not None, ROW_W=rw is not None, ACT_BWD=bool(act_bwd), GATE=part is not None,
-        GATE_B2=part is not None and b2 is not None, FP64=is_fp64(a), UPCAST=_upcast(a), num_warps=nw)
+        GATE_B2=part is not None and b2 is not None, ACC=_acc(a), UPCAST=_upcast(a), DOT64=_dot64(),
+        num_warps=nw)
 
 
 def _experts(a, b, offsets, out, bsum=None, *, I, J, lda, ldb, src=None, a_gather=False, a_act=False, act=0,
@@ -112,7 +128,8 @@ def _experts(a, b, offsets, out, bsum=None, *, I, J, lda, ldb, src=None, a_gathe
         a, b, src if src is not None else offsets, rw if rw is not None else out, offsets, out,
         bsum if bsum is not None else out, I, J, lda, ldb, half, so[0], so[1], so[2],
         BI=BI, BJ=BJ, BR=BR, A_GATHER=bool(a_gather), A_ACT=bool(a_act), ACT=act, B_GATHER=bool(b_gather),
-        ROW_W=rw is not None, BSUM=bsum is not None, FP64=is_fp64(b), UPCAST=_upcast(b), num_warps=nw)
+        ROW_W=rw is not None, BSUM=bsum is not None, ACC=_acc(b), UPCAST=_upcast(b), DOT64=_dot64(),
+        num_warps=nw)
 
 
 def _nonempty(t: torch.Tensor) -> torch.Tensor:
@@ -220,7 +237,7 @@ def moe_mlp_backward(grad_out, x, z, weights, slots, sources, offsets, w1, w2, b
     # each row's gate weight (0 for padding): its token's k slots scanned for the row
     rw = torch.empty(N, dtype=acc_dtype(x.dtype), device=x.device)
     BR = min(pow2(N), 1024 if interpreting() else 256)
-    J._row_weight_kernel[(cdiv(N, BR),)](sources, slots, weights if T > 0 else rw, rw, N, K=k, BR=BR, FP64=fp64)
+    J._row_weight_kernel[(cdiv(N, BR),)](sources, slots, weights if T > 0 else rw, rw, N, K=k, BR=BR)
     # d act(z) = w (g W2^T) on the gathered rows, d z from it in the epilogue, and the gate gradient's
     # partial dots <g W2^T, act(z)> (+ <g, b2>) per column tile of h
     cfg = _rows_cfg(N, w2.shape[0], dout, h, fp64)
@@ -232,7 +249,7 @@ def moe_mlp_backward(grad_out, x, z, weights, slots, sources, offsets, w1, w2, b
         if h == 0:
             part = torch.zeros(1, N, dtype=acc_dtype(x.dtype), device=x.device)
         BT = min(pow2(T), 1024 if interpreting() else 256)
-        J._gate_grad_kernel[(cdiv(T, BT),)](part, slots, gwt, T, N, part.shape[0], K=k, BT=BT, FP64=fp64)
+        J._gate_grad_kernel[(cdiv(T, BT),)](part, slots, gwt, T, N, part.shape[0], K=k, BT=BT)
     if need_params:
         _experts(z, g, offsets, gw2, gb2, I=h, J=dout, lda=h1, ldb=dout, src=sources, a_act=True, act=act,
                  half=half, b_gather=True, rw=rw)
