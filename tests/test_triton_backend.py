@@ -45,7 +45,8 @@ def test_backend_reports_its_kernels():
         pytest.skip(b.reason)
     assert "cpu" in b.devices  # served interpreted under TRITON_INTERPRET=1
     assert {"route", "route_backward", "task_route", "task_route_backward", "dispatch", "dispatch_backward",
-            "combine", "combine_backward"} <= set(b.kernels)
+            "combine", "combine_backward", "grouped_gemm", "grouped_gemm_backward", "grouped_mlp",
+            "grouped_mlp_backward", "moe_mlp", "moe_mlp_backward"} <= set(b.kernels)
     # automatic choice never lands on triton for CPU tensors
     assert mk.backends.resolve("route", torch.device("cpu"), warn=False) != "triton"
 

@@ -73,126 +73,127 @@ def _rows_gemm_kernel(
     for e in range(e_lo, e_end):  # one masked pass per expert of the tile
         lo = tl.load(offsets_ptr + e)
         hi = tl.load(offsets_ptr + e + 1)
-        in_e = inside & (rows >= lo) & (rows < hi)
-        if GATHER:
-            a_ok = in_e & (arow >= 0)
-        else:
-            a_ok = in_e
-        e64 = tl.cast(e, tl.int64)  # a python int under the interpreter
-        acc = tl.zeros([BM, BN], dtype=ACC)
-        bdot = tl.zeros([BM], dtype=ACC)
-        for k0 in range(0, K, BK):
-            kk = k0 + tl.arange(0, BK)
-            kmask = kk < K
-            kk64 = kk.to(tl.int64)
-            am = a_ok[:, None] & kmask[None, :]
-            ap = a_ptr + arow[:, None] * lda + kk64[None, :]
-            a = tl.load(ap, mask=am, other=0.0)
-            if ACT_IN:
-                zf = a.to(ACC)
-                if ACT == 4:  # swiglu, rounding silu(gate) to z's dtype first as the reference does
-                    h = zf / (1.0 + tl.exp(-zf))
+        if hi > lo:  # empty experts between the tile's first and last row: nothing to do
+            in_e = inside & (rows >= lo) & (rows < hi)
+            if GATHER:
+                a_ok = in_e & (arow >= 0)
+            else:
+                a_ok = in_e
+            e64 = tl.cast(e, tl.int64)  # a python int under the interpreter
+            acc = tl.zeros([BM, BN], dtype=ACC)
+            bdot = tl.zeros([BM], dtype=ACC)
+            for k0 in range(0, K, BK):
+                kk = k0 + tl.arange(0, BK)
+                kmask = kk < K
+                kk64 = kk.to(tl.int64)
+                am = a_ok[:, None] & kmask[None, :]
+                ap = a_ptr + arow[:, None] * lda + kk64[None, :]
+                a = tl.load(ap, mask=am, other=0.0)
+                if ACT_IN:
+                    zf = a.to(ACC)
+                    if ACT == 4:  # swiglu, rounding silu(gate) to z's dtype first as the reference does
+                        h = zf / (1.0 + tl.exp(-zf))
+                        if a_ptr.dtype.element_ty == tl.bfloat16:
+                            h = cast(h, tl.bfloat16).to(ACC)
+                        elif a_ptr.dtype.element_ty == tl.float16:
+                            h = h.to(tl.float16).to(ACC)
+                        h = h * tl.load(ap + HALF, mask=am, other=0.0).to(ACC)
+                    elif ACT == 1:
+                        h = 0.5 * zf * (1.0 + tl.math.erf(zf * 0.7071067811865476))
+                    elif ACT == 2:
+                        h = tl.where(zf < 0, 0.0, zf)
+                    elif ACT == 3:
+                        h = zf / (1.0 + tl.exp(-zf))
+                    else:
+                        h = zf
                     if a_ptr.dtype.element_ty == tl.bfloat16:
-                        h = cast(h, tl.bfloat16).to(ACC)
-                    elif a_ptr.dtype.element_ty == tl.float16:
-                        h = h.to(tl.float16).to(ACC)
-                    h = h * tl.load(ap + HALF, mask=am, other=0.0).to(ACC)
-                elif ACT == 1:
-                    h = 0.5 * zf * (1.0 + tl.math.erf(zf * 0.7071067811865476))
-                elif ACT == 2:
-                    h = tl.where(zf < 0, 0.0, zf)
-                elif ACT == 3:
-                    h = zf / (1.0 + tl.exp(-zf))
+                        a = cast(h, tl.bfloat16)
+                    else:
+                        a = h.to(a_ptr.dtype.element_ty)
+                b = tl.load(b_ptr + e64 * sbe + kk64[:, None] * sbk + cols64[None, :] * sbn,
+                            mask=kmask[:, None] & cmask[None, :], other=0.0)
+                if ACC == tl.float64:
+                    if DOT64:  # the interpreter's fp64 dot (numpy's matmul)
+                        acc = tl.dot(a, b, acc)
+                    else:  # products and a sum: no fp64 tl.dot on the GPUs
+                        acc += tl.sum(a.to(ACC)[:, :, None] * b.to(ACC)[None, :, :], axis=1)
+                elif UPCAST:
+                    acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+                elif a.dtype == tl.float32:
+                    acc = tl.dot(a, b, acc, input_precision="ieee")
                 else:
-                    h = zf
-                if a_ptr.dtype.element_ty == tl.bfloat16:
-                    a = cast(h, tl.bfloat16)
-                else:
-                    a = h.to(a_ptr.dtype.element_ty)
-            b = tl.load(b_ptr + e64 * sbe + kk64[:, None] * sbk + cols64[None, :] * sbn,
-                        mask=kmask[:, None] & cmask[None, :], other=0.0)
-            if ACC == tl.float64:
-                if DOT64:  # the interpreter's fp64 dot (numpy's matmul)
                     acc = tl.dot(a, b, acc)
-                else:  # products and a sum: no fp64 tl.dot on the GPUs
-                    acc += tl.sum(a.to(ACC)[:, :, None] * b.to(ACC)[None, :, :], axis=1)
-            elif UPCAST:
-                acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-            elif a.dtype == tl.float32:
-                acc = tl.dot(a, b, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(a, b, acc)
-            if GATE_B2:
-                b2 = tl.load(b2_ptr + e64 * K + kk64, mask=kmask, other=0.0).to(ACC)
-                bdot += tl.sum(a.to(ACC) * b2[None, :], axis=1)
-        m2 = in_e[:, None] & cmask[None, :]
-        op = out_ptr + rows64[:, None] * ldo + cols64[None, :]
-        if ACT_BWD:
-            zp = z_ptr + rows64[:, None] * ldo + cols64[None, :]
-            zg = tl.load(zp, mask=m2, other=0.0).to(ACC)
-            if ACT == 4:  # swiglu: zg the gate, zu the up projection
-                zu = tl.load(zp + HALF, mask=m2, other=0.0).to(ACC)
-                sg = 1.0 / (1.0 + tl.exp(-zg))
-                silu = zg * sg
-                hval = silu * zu
-            elif ACT == 1:
-                cdf = 0.5 * (1.0 + tl.math.erf(zg * 0.7071067811865476))
-                hval = zg * cdf
-            elif ACT == 2:
-                hval = tl.where(zg < 0, 0.0, zg)
-            elif ACT == 3:
-                sg = 1.0 / (1.0 + tl.exp(-zg))
-                hval = zg * sg
-            else:
-                hval = zg
-            if GATE:
-                part = tl.sum(tl.where(m2, acc * hval, 0.0), axis=1)
                 if GATE_B2:
-                    part += tl.where(pid_n == 0, bdot, 0.0)
-                tl.store(part_ptr + pid_n.to(tl.int64) * N + rows64, part, mask=in_e)
-            if ROW_W:
-                acc = acc * rw[:, None]
-            # d act(z) rounded to z's dtype (the reference's g @ w2^T tensor), then d z from it
-            # (ATen's gelu_backward, threshold_backward, silu_backward formulas)
-            if out_ptr.dtype.element_ty == tl.bfloat16:
-                acc = cast(acc, tl.bfloat16).to(ACC)
-            elif out_ptr.dtype.element_ty == tl.float16:
-                acc = acc.to(tl.float16).to(ACC)
-            if ACT == 4:
-                gu = acc * zu
-                if out_ptr.dtype.element_ty == tl.bfloat16:
-                    gu = cast(gu, tl.bfloat16).to(ACC)
-                    silu = cast(silu, tl.bfloat16).to(ACC)
-                elif out_ptr.dtype.element_ty == tl.float16:
-                    gu = gu.to(tl.float16).to(ACC)
-                    silu = silu.to(tl.float16).to(ACC)
-                dz = gu * sg * (1.0 + zg * (1.0 - sg))
-                du = acc * silu
-                if out_ptr.dtype.element_ty == tl.bfloat16:
-                    du = cast(du, tl.bfloat16)
-                tl.store(op + HALF, du.to(out_ptr.dtype.element_ty), mask=m2)
-            elif ACT == 1:
-                dz = acc * (cdf + zg * tl.exp(-0.5 * zg * zg) * 0.3989422804014327)
-            elif ACT == 2:
-                dz = tl.where(zg <= 0, 0.0, acc)
-            elif ACT == 3:
-                dz = acc * sg * (1.0 + zg * (1.0 - sg))
-            else:
-                dz = acc
-            res = dz
-        else:
-            if ROW_W:
-                acc = acc * rw[:, None]
-            if HAS_BIAS:  # the product rounded to the output dtype, then the bias added (as the reference)
+                    b2 = tl.load(b2_ptr + e64 * K + kk64, mask=kmask, other=0.0).to(ACC)
+                    bdot += tl.sum(a.to(ACC) * b2[None, :], axis=1)
+            m2 = in_e[:, None] & cmask[None, :]
+            op = out_ptr + rows64[:, None] * ldo + cols64[None, :]
+            if ACT_BWD:
+                zp = z_ptr + rows64[:, None] * ldo + cols64[None, :]
+                zg = tl.load(zp, mask=m2, other=0.0).to(ACC)
+                if ACT == 4:  # swiglu: zg the gate, zu the up projection
+                    zu = tl.load(zp + HALF, mask=m2, other=0.0).to(ACC)
+                    sg = 1.0 / (1.0 + tl.exp(-zg))
+                    silu = zg * sg
+                    hval = silu * zu
+                elif ACT == 1:
+                    cdf = 0.5 * (1.0 + tl.math.erf(zg * 0.7071067811865476))
+                    hval = zg * cdf
+                elif ACT == 2:
+                    hval = tl.where(zg < 0, 0.0, zg)
+                elif ACT == 3:
+                    sg = 1.0 / (1.0 + tl.exp(-zg))
+                    hval = zg * sg
+                else:
+                    hval = zg
+                if GATE:
+                    part = tl.sum(tl.where(m2, acc * hval, 0.0), axis=1)
+                    if GATE_B2:
+                        part += tl.where(pid_n == 0, bdot, 0.0)
+                    tl.store(part_ptr + pid_n.to(tl.int64) * N + rows64, part, mask=in_e)
+                if ROW_W:
+                    acc = acc * rw[:, None]
+                # d act(z) rounded to z's dtype (the reference's g @ w2^T tensor), then d z from it
+                # (ATen's gelu_backward, threshold_backward, silu_backward formulas)
                 if out_ptr.dtype.element_ty == tl.bfloat16:
                     acc = cast(acc, tl.bfloat16).to(ACC)
                 elif out_ptr.dtype.element_ty == tl.float16:
                     acc = acc.to(tl.float16).to(ACC)
-                acc += tl.load(bias_ptr + e64 * NC + cols64, mask=cmask, other=0.0).to(ACC)[None, :]
-            res = acc
-        if out_ptr.dtype.element_ty == tl.bfloat16:
-            res = cast(res, tl.bfloat16)
-        tl.store(op, res.to(out_ptr.dtype.element_ty), mask=m2)
+                if ACT == 4:
+                    gu = acc * zu
+                    if out_ptr.dtype.element_ty == tl.bfloat16:
+                        gu = cast(gu, tl.bfloat16).to(ACC)
+                        silu = cast(silu, tl.bfloat16).to(ACC)
+                    elif out_ptr.dtype.element_ty == tl.float16:
+                        gu = gu.to(tl.float16).to(ACC)
+                        silu = silu.to(tl.float16).to(ACC)
+                    dz = gu * sg * (1.0 + zg * (1.0 - sg))
+                    du = acc * silu
+                    if out_ptr.dtype.element_ty == tl.bfloat16:
+                        du = cast(du, tl.bfloat16)
+                    tl.store(op + HALF, du.to(out_ptr.dtype.element_ty), mask=m2)
+                elif ACT == 1:
+                    dz = acc * (cdf + zg * tl.exp(-0.5 * zg * zg) * 0.3989422804014327)
+                elif ACT == 2:
+                    dz = tl.where(zg <= 0, 0.0, acc)
+                elif ACT == 3:
+                    dz = acc * sg * (1.0 + zg * (1.0 - sg))
+                else:
+                    dz = acc
+                res = dz
+            else:
+                if ROW_W:
+                    acc = acc * rw[:, None]
+                if HAS_BIAS:  # the product rounded to the output dtype, then the bias added (as the reference)
+                    if out_ptr.dtype.element_ty == tl.bfloat16:
+                        acc = cast(acc, tl.bfloat16).to(ACC)
+                    elif out_ptr.dtype.element_ty == tl.float16:
+                        acc = acc.to(tl.float16).to(ACC)
+                    acc += tl.load(bias_ptr + e64 * NC + cols64, mask=cmask, other=0.0).to(ACC)[None, :]
+                res = acc
+            if out_ptr.dtype.element_ty == tl.bfloat16:
+                res = cast(res, tl.bfloat16)
+            tl.store(op, res.to(out_ptr.dtype.element_ty), mask=m2)
     # rows past offsets[E]: zeros
     tail = inside & (rows >= total)
     mt = tail[:, None] & cmask[None, :]
@@ -336,7 +337,7 @@ def _gate_grad_kernel(part_ptr, slots_ptr, gw_ptr, T, N, NCT, K: tl.constexpr, B
         valid = tmask & (s >= 0)
         acc = tl.zeros([BT], dtype=part_ptr.dtype.element_ty)
         for c in range(0, NCT):
-            acc += tl.load(part_ptr + c * N + s, mask=valid, other=0.0)
+            acc += tl.load(part_ptr + tl.cast(c, tl.int64) * N + s, mask=valid, other=0.0)
         res = tl.where(valid, acc, 0.0)
         if gw_ptr.dtype.element_ty == tl.bfloat16:
             res = cast(res, tl.bfloat16)
