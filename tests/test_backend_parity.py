@@ -153,7 +153,11 @@ def test_grouped_gemm_matches_reference(fast_backend, seg, dtype):
 
     ref, fast = _both(fast_backend, run)
     for a, b, name in zip(fast, ref, ("out", "grad x", "grad w")):
-        assert_exact(a, b, name)  # the same ATen GEMM calls on the same views
+        if fast_backend == "cpu":
+            assert_exact(a, b, name)  # the same ATen GEMM calls on the same views
+        else:  # own GEMM kernels (triton): another summation order, so the dtype's tolerance (contract rule 6)
+            scale = max(float(b.abs().max()) if b.numel() else 0.0, 1.0)
+            torch.testing.assert_close(a, b, rtol=TOL[dtype]["rtol"], atol=TOL[dtype]["atol"] * scale, msg=name)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])

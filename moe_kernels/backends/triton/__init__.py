@@ -2,7 +2,7 @@
 
 Kernels in this version (each under its contract name, :mod:`moe_kernels.backends.contract`):
 
-* ``routing``: ``route``, ``route_backward``, ``task_route``, ``task_route_backward`` — scores,
+* ``routing``: ``route``, ``route_backward``, ``task_route``, ``task_route_backward``, ``plan`` — scores,
   top-k and the whole dispatch plan (capacity with both drop policies, exact ``num_dropped``,
   ``pad_to``) from per-block histograms and a scan, without atomics or host reads; the per-task
   router product inside ``task_route``.
@@ -14,10 +14,16 @@ Kernels in this version (each under its contract name, :mod:`moe_kernels.backend
 * ``reconcile``: ``reconcile``, ``reconcile_backward`` — every link's GEMM with bias, BatchNorm
   (batch statistics in a fixed-order second pass), activation and the residual sum in the
   epilogue; the backward gives dW, db and the BN affine gradients only.
+* ``grouped``: ``grouped_gemm``, ``grouped_gemm_backward``, ``grouped_mlp``, ``grouped_mlp_backward``,
+  ``moe_mlp``, ``moe_mlp_backward`` — a varlen-M grouped GEMM (forward, dX: row tiles over the static
+  N that find their experts from ``offsets`` on the device) with the gather, activation, bias and
+  activation-backward fused into its loads and epilogue, and a varlen-K one for the weight gradients
+  (one program per expert tile, rows reduced in order: no atomics); weights in any strides
+  (contiguous or the transposed Hugging Face layout). ``moe_mlp`` gathers x through the plan inside
+  the first GEMM and combines with the weighted gather-sum; its backward computes the gate-weight
+  gradient as <g W2^T, act(z)> (+ <g, b2>).
 
-Not yet here (an op without a kernel runs elsewhere only by automatic choice; asking for
-``backend="triton"`` for it raises :class:`~moe_kernels.backends.BackendUnavailableError`):
-``grouped_gemm``, ``grouped_mlp``, ``moe_mlp`` (and their backward).
+Every kernel of the contract is here (``mutual_information_ema_update`` by delegation).
 
 Devices: CUDA tensors; CPU tensors too when ``TRITON_INTERPRET=1`` is set before moe_kernels is
 imported (triton's interpreter: the way the tests run these kernels on a CPU machine). Automatic
