@@ -41,6 +41,8 @@ SCHEMAS = {
              "int num_rows, bool check_values) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
     "route_backward": "route_backward(Tensor grad_weights, Tensor logits, Tensor topk_ids, str score, "
                       "bool renormalize) -> Tensor",
+    "plan": "plan(Tensor topk_ids, Tensor priority, int num_experts, int capacity, str drop_policy, int pad_to, "
+            "int num_rows) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
     "task_route": "task_route(Tensor x, Tensor router_weight, Tensor? task_ids, int batch_task, int k, str score, "
                   "bool renormalize, int capacity, str drop_policy, int pad_to, int num_rows, bool check_values) -> "
                   "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
@@ -148,6 +150,10 @@ def _cases():
         "route": ("route", (logits, k, "softmax", True, 3, "score", 2, N, True)),
         "route_dropless_sigmoid": ("route", (logits.bfloat16(), 3, "sigmoid", False, -1, "position", 1, 27, False)),
         "route_T0": ("route", (lg0, k, "softmax", True, -1, "position", 1, 0, True)),
+        "plan": ("plan", (torch.tensor([[0, 4], [4, 2], [-1, 1], [7, 3]], dtype=torch.int32),
+                          torch.tensor([[0.5, 0.2], [0.9, 0.1], [0.3, 0.3], [0.6, 0.4]]), 5, 1, "score", 2, 10)),
+        "plan_dropless": ("plan", (torch.tensor([[0, 1], [1, 5]], dtype=torch.int32), torch.rand(2, 2), 2, -1,
+                                   "position", 1, 4)),
         "route_backward": ("route_backward", (_randn(T, k, seed=22), logits, ids, "softmax", True)),
         "task_route": ("task_route", (x, W, tids, -1, k, "softmax", True, -1, "position", 1, T * k, True)),
         "task_route_batch": ("task_route", (x, W, None, 1, k, "sigmoid", False, 3, "score", 1, 15, True)),
