@@ -24,3 +24,12 @@ def cast(x, dtype: tl.constexpr):
         return rounded.to(tl.int16).to(tl.bfloat16, bitcast=True)
     else:
         return x.to(dtype)
+
+
+@triton.jit
+def zeros(shape, FP64: tl.constexpr):
+    """``tl.zeros(shape)`` in the accumulation dtype: fp64 when FP64, else fp32."""
+    if FP64:
+        return tl.zeros(shape, dtype=tl.float64)
+    else:
+        return tl.zeros(shape, dtype=tl.float32)

@@ -11,14 +11,7 @@ import triton.language as tl
 
 from ._jit_util import cast
 from ._jit_util import up as _up
-
-
-@triton.jit
-def _zeros(shape, FP64: tl.constexpr):
-    if FP64:
-        return tl.zeros(shape, dtype=tl.float64)
-    else:
-        return tl.zeros(shape, dtype=tl.float32)
+from ._jit_util import zeros as _zeros
 
 
 @triton.jit

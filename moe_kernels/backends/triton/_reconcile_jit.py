@@ -12,18 +12,11 @@ import triton.language as tl
 
 from ._jit_util import cast
 from ._jit_util import up as _up
+from ._jit_util import zeros as _zeros
 
 # pi as the sum of two fp32 literals (a literal is fp32): exact to about 1e-15 in fp64
 _PI_HI = tl.constexpr(3.1415927410125732)
 _PI_LO = tl.constexpr(-8.742278012618954e-08)
-
-
-@triton.jit
-def _zeros(shape, FP64: tl.constexpr):
-    if FP64:
-        return tl.zeros(shape, dtype=tl.float64)
-    else:
-        return tl.zeros(shape, dtype=tl.float32)
 
 
 @triton.jit

@@ -42,24 +42,28 @@ def _block_t(BE: int, KP: int = 1) -> int:
     return max(1, min(64, cap // (BE * KP)))
 
 
-def _plan(T, E, k, dev, acc, score, renormalize, capacity, drop_policy, pad_to, num_rows,
-          logits=None, x=None, router_weight=None, task_ids=None, batch_task=-1):
-    J = _jit()
+def _plan_buffers(T, k, E, dev, capacity, drop_policy, num_rows):
+    """The plan's outputs and scratch, and its block geometry and policy (0 dropless, 1 capacity by
+    position, 2 by score): slots, counts, offsets, sources, dropped, hist, base, BE, BT, NB, policy."""
     i32 = dict(dtype=torch.int32, device=dev)
-    weights = torch.empty(T, k, dtype=acc, device=dev)
-    ids = torch.empty(T, k, **i32)
-    slots = torch.empty(T, k, **i32)
-    counts = torch.empty(E, **i32)
-    offsets = torch.empty(E + 1, **i32)
-    sources = torch.full((num_rows,), -1, **i32)
-    dropped = torch.empty((), dtype=torch.int64, device=dev)
     BE = pow2(E)
     BT = _block_t(BE, pow2(k))
     NB = cdiv(T, BT)
     policy = 0 if capacity < 0 else (1 if drop_policy == "position" else 2)
+    hist = torch.zeros(max(NB, 1), E, **i32)  # zeros: with T = 0 the scan reads it unwritten
+    return (torch.empty(T, k, **i32), torch.empty(E, **i32), torch.empty(E + 1, **i32),
+            torch.full((num_rows,), -1, **i32), torch.empty((), dtype=torch.int64, device=dev), hist,
+            torch.empty_like(hist), BE, BT, NB, policy)
+
+
+def _plan(T, E, k, dev, acc, score, renormalize, capacity, drop_policy, pad_to, num_rows,
+          logits=None, x=None, router_weight=None, task_ids=None, batch_task=-1):
+    J = _jit()
+    weights = torch.empty(T, k, dtype=acc, device=dev)
+    ids = torch.empty(T, k, dtype=torch.int32, device=dev)
+    slots, counts, offsets, sources, dropped, hist, base, BE, BT, NB, policy = _plan_buffers(
+        T, k, E, dev, capacity, drop_policy, num_rows)
     prio = torch.empty(T, k, dtype=acc, device=dev) if policy == 2 else weights
-    hist = torch.empty(max(NB, 1), E, **i32)
-    base = torch.empty_like(hist)
     task = 0 if x is None else (1 if batch_task >= 0 else 2)
     if task:
         D = x.shape[1]
@@ -110,19 +114,8 @@ def _plan_passes(ids, prio, hist, base, counts, offsets, slots, sources, dropped
 def plan(topk_ids, priority, num_experts, capacity, drop_policy, pad_to, num_rows):
     T, k = topk_ids.shape
     E = num_experts
-    dev = topk_ids.device
-    i32 = dict(dtype=torch.int32, device=dev)
-    slots = torch.empty(T, k, **i32)
-    counts = torch.empty(E, **i32)
-    offsets = torch.empty(E + 1, **i32)
-    sources = torch.full((num_rows,), -1, **i32)
-    dropped = torch.empty((), dtype=torch.int64, device=dev)
-    BE = pow2(E)
-    BT = _block_t(BE, pow2(k))
-    NB = cdiv(T, BT)
-    policy = 0 if capacity < 0 else (1 if drop_policy == "position" else 2)
-    hist = torch.zeros(max(NB, 1), E, **i32)
-    base = torch.empty_like(hist)
+    slots, counts, offsets, sources, dropped, hist, base, BE, BT, NB, policy = _plan_buffers(
+        T, k, E, topk_ids.device, capacity, drop_policy, num_rows)
     _plan_passes(topk_ids, priority, hist, base, counts, offsets, slots, sources, dropped, T, E, k, BT, BE, NB,
                  policy, capacity, pad_to, is_fp64(priority), histogram=True)
     # the scan counts every assignment without a row as dropped: the not-local ones are not
