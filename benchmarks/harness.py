@@ -684,7 +684,7 @@ def meta_markdown(meta: dict) -> str:
              "- versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val)]
     if meta.get("env"):
         lines.append("- env: " + ", ".join(f"{k}={val}" for k, val in meta["env"].items()))
-    for key in ("backend", "timing", "memory"):
+    for key in ("backend", "timing", "memory", "peers"):
         if key in meta:
             lines.append(f"- {key}: {meta[key]}")
     return "\n".join(lines)
