@@ -488,3 +488,38 @@ def test_int64_addressing_past_2_pow_31(backend):
     sub = mk.plan(r.topk_ids[toks], r.topk_weights[toks], E, backend="reference")
     want = mk.moe_mlp(x[toks], sub, w1, w2, "swiglu", backend="reference")
     _close_fp32(y[toks].float(), want.float(), "moe_mlp tokens past 2^31", tol=2e-2)
+
+
+# --------------------------------------------------------------------------- what moe_mlp keeps for backward
+
+def test_moe_mlp_saves_only_x_z_and_the_plan(backend):
+    """The tensors autograd keeps for moe_mlp's backward, parameters aside, are x, z and the plan
+    (gate weights, slots, sources, offsets): nothing of size [T*k, d] (no dispatched copy of x, no
+    expert outputs)."""
+    _has(backend, "moe_mlp")
+    T, E, k, d, h = (1000, 13, 4, 256, 96) if GPU else (20, 5, 2, 24, 8)
+    r = mk.route(_logits(T, E), k, backend="reference")
+    x = torch.randn(T, d, device=DEVICE, requires_grad=True)
+    w = r.topk_weights.clone().requires_grad_()
+    w1 = torch.randn(E, d, 2 * h, device=DEVICE, requires_grad=True)
+    w2 = torch.randn(E, h, d, device=DEVICE, requires_grad=True)
+    params = {p.untyped_storage().data_ptr() for p in (w1, w2)}
+    saved = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in params:
+            saved[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = mk.moe_mlp(x, r._replace(topk_weights=w), w1, w2, "swiglu", backend=backend)
+    N = r.sources.shape[0]
+    z_bytes = N * 2 * h * x.element_size()
+    # the plan's storages as the op received them (route may allocate a tensor with spare room)
+    plan = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for t in (w, r.slots, r.sources, r.offsets)}.values())
+    assert sum(saved.values()) == x.numel() * x.element_size() + z_bytes + plan, saved
+    assert max(saved.values()) < N * d * x.element_size() or z_bytes >= N * d * x.element_size()
+    out.sum().backward()  # and the backward runs from what was kept
+    assert x.grad is not None and w.grad is not None and w1.grad is not None

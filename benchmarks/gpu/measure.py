@@ -365,7 +365,8 @@ def bench_moe(name, shape, timer, dense, *, skew=False, modes=("fwd", "fwd+bwd")
     res["saved_bytes"] = saved_bytes(L["cands"]["moe_kernels"], (L["w1"], L["w2"]))
     N, I = res["rows"], shape["I"]
     rb = L["r"]
-    plan_bytes = sum(t.numel() * t.element_size() for t in (rb.topk_weights, rb.slots, rb.sources, rb.offsets))
+    plan_bytes = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                      for t in (rb.topk_weights, rb.slots, rb.sources, rb.offsets)}.values())
     res["x_z_plan_bytes"] = L["x"].numel() * L["x"].element_size() + N * 2 * I * L["x"].element_size() + plan_bytes
     return res
 
