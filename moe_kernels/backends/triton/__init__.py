@@ -25,6 +25,12 @@ Kernels in this version (each under its contract name, :mod:`moe_kernels.backend
 
 Every kernel of the contract is here (``mutual_information_ema_update`` by delegation).
 
+Compilation: every kernel is compiled once per dtype and tile configuration, not per batch size: the
+arguments that count tokens or rows (``T``, ``N``, block counts) are ``do_not_specialize``, so a
+new T (decode steps, the last short batch, T = 1) reuses the compiled kernel instead of compiling
+another (triton would otherwise specialise an int on being 1 and on divisibility by 16). Strides
+and feature sizes stay specialised: their divisibility lets loads vectorise.
+
 Devices: CUDA tensors; CPU tensors too when ``TRITON_INTERPRET=1`` is set before moe_kernels is
 imported (triton's interpreter: the way the tests run these kernels on a CPU machine). Automatic
 backend choice never picks ``triton`` for CPU tensors (``backends.PREFERENCE``); only an explicit

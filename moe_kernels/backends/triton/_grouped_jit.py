@@ -30,7 +30,7 @@ from ._jit_util import cast
 # (``cast`` is called only for bf16 outputs, where the interpreter's own conversion truncates).
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def _rows_gemm_kernel(
         a_ptr, src_ptr, offsets_ptr, b_ptr, bias_ptr, rw_ptr, out_ptr, z_ptr, part_ptr, b2_ptr,
         N, K, NC, E, lda, ldo, HALF, sbe, sbk, sbn,
@@ -309,7 +309,7 @@ def _experts_gemm_kernel(
             tl.store(bsum_ptr + e64 * J + jj64, rs.to(bsum_ptr.dtype.element_ty), mask=jmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def _row_weight_kernel(src_ptr, slots_ptr, w_ptr, rw_ptr, N, K: tl.constexpr, BR: tl.constexpr):
     """rw[r] = weights[t, j] for the assignment (t, j) whose slot is r (t = sources[r], found by
     scanning the token's k slots); 0 for a padding row."""
@@ -326,7 +326,7 @@ def _row_weight_kernel(src_ptr, slots_ptr, w_ptr, rw_ptr, N, K: tl.constexpr, BR
     tl.store(rw_ptr + rows64, rw, mask=inside)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "N", "NCT"])
 def _gate_grad_kernel(part_ptr, slots_ptr, gw_ptr, T, N, NCT, K: tl.constexpr, BT: tl.constexpr):
     """grad_w[t, j] = sum_c part[c, slots[t, j]] over the column tiles c in order; 0 for a dropped slot."""
     tok = tl.program_id(0) * BT + tl.arange(0, BT)

@@ -50,7 +50,7 @@ def _lse(lf, cmask):
     return mx + tl.log(tl.sum(ex, axis=1))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def _router_partial_kernel(logits_ptr, ids_ptr, psum_ptr, hist_ptr, zsum_ptr, T, E,
                            K: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr, SOFTMAX: tl.constexpr,
                            FP64: tl.constexpr, DO_P: tl.constexpr, DO_HIST: tl.constexpr, DO_Z: tl.constexpr):
@@ -80,7 +80,7 @@ def _router_partial_kernel(logits_ptr, ids_ptr, psum_ptr, hist_ptr, zsum_ptr, T,
         tl.store(hist_ptr + p64 * E + cols, h, mask=cmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NB", "T"])
 def _router_finish_kernel(psum_ptr, hist_ptr, zsum_ptr, out_ptr, NB, T, E, K: tl.constexpr,
                           BNB: tl.constexpr, BE: tl.constexpr, FP64: tl.constexpr, MODE: tl.constexpr):
     """One program adds the blocks' partials in block order. MODE 0: the load-balancing loss
@@ -110,7 +110,7 @@ def _router_finish_kernel(psum_ptr, hist_ptr, zsum_ptr, out_ptr, NB, T, E, K: tl
             tl.store(out_ptr + cols, f, mask=cmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def _lb_grad_kernel(grad_ptr, logits_ptr, f_ptr, out_ptr, T, E, BT: tl.constexpr, BE: tl.constexpr,
                     SOFTMAX: tl.constexpr, FP64: tl.constexpr):
     """d loss / d logits of the load-balancing loss, given f (one program per block of tokens)."""
@@ -136,7 +136,7 @@ def _lb_grad_kernel(grad_ptr, logits_ptr, f_ptr, out_ptr, T, E, BT: tl.constexpr
     tl.store(out_ptr + r64[:, None] * E + cols[None, :], cast(gl, out_ptr.dtype.element_ty), mask=m2)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def _z_grad_kernel(grad_ptr, logits_ptr, out_ptr, T, E, BT: tl.constexpr, BE: tl.constexpr, FP64: tl.constexpr):
     """d z-loss / d logits = grad * 2 / T * lse_t * softmax(logits_t)."""
     rows = tl.program_id(0) * BT + tl.arange(0, BT)
@@ -155,7 +155,7 @@ def _z_grad_kernel(grad_ptr, logits_ptr, out_ptr, T, E, BT: tl.constexpr, BE: tl
 
 # ---- mutual information
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def _task_partial_kernel(probs_ptr, tids_ptr, part_ptr, T, E, M, BT: tl.constexpr, BE: tl.constexpr,
                          FP64: tl.constexpr):
     """part[pid, i, :] = sum of the block's probs rows of task i (i = 0..M-1, in fp32/fp64)."""
@@ -174,7 +174,7 @@ def _task_partial_kernel(probs_ptr, tids_ptr, part_ptr, T, E, M, BT: tl.constexp
         tl.store(part_ptr + base + i * E + cols, s, mask=cmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NB"])
 def _mi_finish_kernel(part_ptr, buf_ptr, grad_ptr, loss_ptr, gs_ptr, NB, M, E, EPS_INV: tl.constexpr,
                       TINY: tl.constexpr, BM: tl.constexpr, BE: tl.constexpr,
                       FP64: tl.constexpr, EMA: tl.constexpr, BACKWARD: tl.constexpr):
@@ -228,7 +228,7 @@ def _mi_finish_kernel(part_ptr, buf_ptr, grad_ptr, loss_ptr, gs_ptr, NB, M, E, E
         tl.store(gs_ptr + off, gS, mask=m2)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def _task_rows_kernel(gs_ptr, tids_ptr, out_ptr, T, E, BT: tl.constexpr, BE: tl.constexpr):
     """out[t] = gS[task[t]] in the probs' dtype (one program per block of tokens)."""
     rows = tl.program_id(0) * BT + tl.arange(0, BT)

@@ -11,7 +11,7 @@ from ._jit_util import cast
 from ._jit_util import up as _up
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def _dispatch_kernel(x_ptr, sources_ptr, out_ptr, N, D, BR: tl.constexpr, BD: tl.constexpr):
     """out[r] = x[sources[r]] (bit copies), zero rows where sources[r] == -1."""
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
@@ -26,7 +26,7 @@ def _dispatch_kernel(x_ptr, sources_ptr, out_ptr, N, D, BR: tl.constexpr, BD: tl
         tl.store(out_ptr + r64[:, None] * D + dd[None, :], v, mask=rmask[:, None] & dmask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def _gather_sum_kernel(y_ptr, w_ptr, slots_ptr, out_ptr, T, D, K: tl.constexpr, BT: tl.constexpr,
                        BD: tl.constexpr, WEIGHTED: tl.constexpr, FP64: tl.constexpr):
     """out[t] = sum_j w[t, j] * y[slots[t, j]] (WEIGHTED) or sum_j y[slots[t, j]], over j in order,
@@ -57,7 +57,7 @@ def _gather_sum_kernel(y_ptr, w_ptr, slots_ptr, out_ptr, T, D, K: tl.constexpr, 
              mask=rmask[:, None] & dmask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def _combine_bwd_kernel(g_ptr, y_ptr, w_ptr, slots_ptr, gy_ptr, gw_ptr, T, D, K: tl.constexpr,
                         BT: tl.constexpr, BD: tl.constexpr, NEED_Y: tl.constexpr, NEED_W: tl.constexpr,
                         FP64: tl.constexpr):

@@ -100,7 +100,7 @@ def _mm_tile(a_ptr, a_rs, a_ks, b_ptr, b_ks, b_cs, rows, rmask, cols, cmask, K, 
     return acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def _fwd_kernel(main_ptr, out_ptr, zbuf_ptr, part_ptr, stats_ptr, gamma_ptr, beta_ptr, aux, ws, bs, wks, wcs, ks,
                 N, C, L: tl.constexpr, HAS_MAIN: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
                 PHASE: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, BM: tl.constexpr,
@@ -161,7 +161,7 @@ def _fwd_kernel(main_ptr, out_ptr, zbuf_ptr, part_ptr, stats_ptr, gamma_ptr, bet
         tl.store(out_ptr + off, cast(acc, dt), mask=m2)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "NT"])
 def _bn_stats_kernel(part_ptr, stats_ptr, N, C, NT, eps, BMT: tl.constexpr, BC: tl.constexpr, FP64: tl.constexpr):
     """stats[i] = (mean, 1 / sqrt(var + eps), var) per column from the tiles' (mean, M2) partials,
     merged in tile order (Chan et al.'s pairwise update: no cancellation of sum z^2 - n mean^2).
@@ -192,7 +192,7 @@ def _bn_stats_kernel(part_ptr, stats_ptr, N, C, NT, eps, BMT: tl.constexpr, BC: 
     tl.store(sb + 2 * C + cols, var, mask=cmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def _bwd_gz_kernel(g_ptr, a_ptr, w_ptr, b_ptr, stats_ptr, gamma_ptr, beta_ptr, scratch_ptr, part_ptr,
                    N, C, K, wks, wcs, link, ACT: tl.constexpr, BN_MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
                    HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, NEED_Z: tl.constexpr, STORE: tl.constexpr,
@@ -246,7 +246,7 @@ def _bwd_gz_kernel(g_ptr, a_ptr, w_ptr, b_ptr, stats_ptr, gamma_ptr, beta_ptr, s
             tl.store(pbase + cols, tl.sum(tl.where(m2, gz, 0.0), axis=0), mask=cmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NT"])
 def _colsum_kernel(part_ptr, sums_ptr, gb_ptr, ggamma_ptr, gbeta_ptr, C, NT, link, NS: tl.constexpr,
                    BC: tl.constexpr, FP64: tl.constexpr, HAS_GB: tl.constexpr, HAS_GAMMA: tl.constexpr,
                    HAS_BETA: tl.constexpr):
@@ -274,7 +274,7 @@ def _colsum_kernel(part_ptr, sums_ptr, gb_ptr, ggamma_ptr, gbeta_ptr, C, NT, lin
         tl.store(ggamma_ptr + link * C + cols, cast(s1, ggamma_ptr.dtype.element_ty), mask=cmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def _bn_gz_kernel(g_ptr, b_ptr, stats_ptr, gamma_ptr, beta_ptr, sums_ptr, scratch_ptr, N, C, link, ACT: tl.constexpr,
                   HAS_BIAS: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, BM: tl.constexpr,
                   BN: tl.constexpr, FP64: tl.constexpr):
@@ -311,7 +311,7 @@ def _bn_gz_kernel(g_ptr, b_ptr, stats_ptr, gamma_ptr, beta_ptr, sums_ptr, scratc
     tl.store(scratch_ptr + off, cast(gz, dt), mask=m2)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def _wgrad_kernel(a_ptr, gz_ptr, gw_ptr, N, K, C, gks, gcs, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                   FP64: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
     """grad_W[kk, c] = sum_n aux[n, kk] * gz[n, c]: one program per [BM, BN] tile of grad_W looping

@@ -14,7 +14,7 @@ from ._jit_util import cast
 from ._jit_util import up as _up
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def _topk_kernel(logits_ptr, x_ptr, w_ptr, task_ptr, batch_task, T, E, D,
                  logits_out_ptr, ids_ptr, weights_ptr, prio_ptr, hist_ptr,
                  K: tl.constexpr, KP: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr, BD: tl.constexpr,
@@ -129,7 +129,7 @@ def _count(ids_ptr, prio_ptr, TK, es, v, cand, K: tl.constexpr, TIES: tl.constex
     return n
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def _threshold_kernel(ids_ptr, prio_ptr, thr_v_ptr, thr_tau_ptr, T, E, C, TDIGITS,
                       K: tl.constexpr, BA: tl.constexpr, BEP: tl.constexpr, VDIGITS: tl.constexpr):
     """Score priority, for a block of BEP experts: expert e keeps the assignments with key > v_e and
@@ -192,7 +192,7 @@ def _block_assignments(ids_ptr, prio_ptr, thr_v_ptr, thr_tau_ptr, rows, rmask, E
     return ids, counted
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def _hist_kernel(ids_ptr, prio_ptr, thr_v_ptr, thr_tau_ptr, hist_ptr, T, E,
                  K: tl.constexpr, KP: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr, SCORE: tl.constexpr):
     """Per-block histogram of the local assignments (SCORE: of those kept under score priority)."""
@@ -205,7 +205,7 @@ def _hist_kernel(ids_ptr, prio_ptr, thr_v_ptr, thr_tau_ptr, hist_ptr, T, E,
     tl.store(hist_ptr + pid.to(tl.int64) * E + cols, tl.sum(oh, axis=0), mask=cols < E)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NB", "TK"])
 def _scan_kernel(hist_ptr, base_ptr, counts_ptr, offsets_ptr, dropped_ptr, NB, E, C, PAD, TK,
                  BNB: tl.constexpr, BE: tl.constexpr, CAP_BY_RANK: tl.constexpr):
     """One program: per-expert exclusive prefix over blocks (base), counts, padded offsets, drops."""
@@ -231,7 +231,7 @@ def _scan_kernel(hist_ptr, base_ptr, counts_ptr, offsets_ptr, dropped_ptr, NB, E
     tl.store(dropped_ptr, TK - tl.sum(counts.to(tl.int64), axis=0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def _slots_kernel(ids_ptr, prio_ptr, thr_v_ptr, thr_tau_ptr, base_ptr, offsets_ptr, slots_ptr, sources_ptr,
                   T, E, C, K: tl.constexpr, KP: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr,
                   POLICY: tl.constexpr):
@@ -259,7 +259,7 @@ def _slots_kernel(ids_ptr, prio_ptr, thr_v_ptr, thr_tau_ptr, base_ptr, offsets_p
     tl.store(sources_ptr + slot.to(tl.int64), rows[:, None] + kc[None, :] * 0, mask=keep)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def _route_grad_kernel(gw_ptr, gl_ptr, logits_ptr, ids_ptr, out_ptr, T, E,
                        K: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr, SOFTMAX: tl.constexpr,
                        RENORM: tl.constexpr, FP64: tl.constexpr, HAS_GW: tl.constexpr, HAS_GL: tl.constexpr,
@@ -321,7 +321,7 @@ def _route_grad_kernel(gw_ptr, gl_ptr, logits_ptr, ids_ptr, out_ptr, T, E,
     tl.store(out_ptr + addr, cast(grad, out_ptr.dtype.element_ty), mask=m2)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def _task_grad_x_kernel(g_ptr, w_ptr, task_ptr, batch_task, out_ptr, T, E, D,
                         BT: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr, FP64: tl.constexpr,
                         PER_TOKEN: tl.constexpr):
@@ -354,7 +354,7 @@ def _task_grad_x_kernel(g_ptr, w_ptr, task_ptr, batch_task, out_ptr, T, E, D,
              mask=rmask[:, None] & dmask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def _task_grad_w_kernel(x_ptr, g_ptr, task_ptr, batch_task, out_ptr, T, E, D,
                         BT: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr, FP64: tl.constexpr,
                         PER_TOKEN: tl.constexpr):
