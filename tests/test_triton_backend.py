@@ -7,7 +7,9 @@ blocks (several programs per launch, a plan scanned over blocks) while keeping t
 programs few. Plans and data movement must equal the reference's bit for bit.
 """
 
+import json
 import math
+import os
 
 import pytest
 import torch
@@ -511,3 +513,31 @@ def test_grouped_kernels_empty_inputs(triton_backend):
     grads = tri["moe_mlp_backward"](torch.randn(0, 5), x, z, r.topk_weights, r.slots, r.sources, r.offsets, w1, w2,
                                     None, None, "relu", True, True, True)
     assert grads[0].shape == (0, 5) and grads[1].shape == (0, 2) and (grads[2] == 0).all() and grads[4] is None
+
+
+def test_token_counts_are_not_specialized():
+    """A new batch size must not compile new kernels: every program's token / row count arguments
+    are ``do_not_specialize`` (checked on the compiled-mode JITFunction objects, in a subprocess
+    with TRITON_INTERPRET=0, where triton builds them; nothing is compiled)."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    code = """
+import importlib, json
+import triton
+names = {"T", "N", "NB", "TK", "NT", "NCT"}
+bad, seen = [], 0
+for m in ("_grouped_jit", "_losses_jit", "_permute_jit", "_reconcile_jit", "_routing_jit"):
+    mod = importlib.import_module("moe_kernels.backends.triton." + m)
+    for n, f in vars(mod).items():
+        if isinstance(f, triton.runtime.jit.JITFunction) and n.endswith("_kernel"):
+            seen += 1
+            bad += [f"{m}.{n}({p.name})" for p in f.params if p.name in names and not p.do_not_specialize]
+print(json.dumps({"bad": bad, "seen": seen}))
+"""
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["seen"] >= 25 and res["bad"] == [], res

@@ -241,13 +241,17 @@ def _grouped_mm():
 def build_layer(shape, device, routing, dtype=torch.bfloat16, seed=0):
     """Inputs and the three candidates (moe_kernels, torch grouped_mm, naive loop) on one plan."""
     T, Hd, I, E, k = (shape[n] for n in ("T", "H", "I", "E", "k"))
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(T, Hd, generator=g).to(dtype).to(device).requires_grad_()
-    w1 = (torch.randn(E, Hd, 2 * I, generator=g) / Hd ** 0.5).to(dtype).to(device).requires_grad_()
-    w2 = (torch.randn(E, I, Hd, generator=g) / I ** 0.5).to(dtype).to(device).requires_grad_()
+    g = torch.Generator(device=device).manual_seed(seed)  # drawn on the device: S4's weights are 1.3 G values
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, device=device) * scale).to(dtype)
+
+    x = rnd(T, Hd).requires_grad_()
+    w1 = rnd(E, Hd, 2 * I, scale=Hd ** -0.5).requires_grad_()
+    w2 = rnd(E, I, Hd, scale=I ** -0.5).requires_grad_()
     gw = routing.topk_weights.detach().clone().requires_grad_()
     r = routing._replace(topk_weights=gw)
-    grad = torch.randn(T, Hd, generator=g).to(dtype).to(device)
+    grad = rnd(T, Hd)
     # the peers' weights: the same values stored column-major ([E, out, in] contiguous), as
     # torch's grouped GEMM prefers them
     w1c = w1.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
@@ -448,12 +452,16 @@ def bench_permute(cfg, timer, bw):
 def bench_reconcile(cfg, timer, dense):
     T, C, n, Ca = cfg["T"], cfg["C"], cfg["n_aux"], cfg["C_aux"]
     dev = timer.device
-    g = torch.Generator().manual_seed(0)
-    main = torch.randn(T, C, generator=g).to(torch.bfloat16).to(dev).requires_grad_()
-    aux = [torch.randn(T, Ca, generator=g).to(torch.bfloat16).to(dev) for _ in range(n)]
-    ws = [(torch.randn(Ca, C, generator=g) / Ca ** 0.5).to(torch.bfloat16).to(dev).requires_grad_() for _ in range(n)]
+    g = torch.Generator(device=dev).manual_seed(0)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, device=dev) * scale).to(torch.bfloat16)
+
+    main = rnd(T, C).requires_grad_()
+    aux = [rnd(T, Ca) for _ in range(n)]
+    ws = [rnd(Ca, C, scale=Ca ** -0.5).requires_grad_() for _ in range(n)]
     bs = [torch.zeros(C, dtype=torch.bfloat16, device=dev).requires_grad_() for _ in range(n)]
-    grad = torch.randn(T, C, generator=g).to(torch.bfloat16).to(dev)
+    grad = rnd(T, C)
 
     def reset():
         for t in [main] + ws + bs:
