@@ -107,11 +107,11 @@ def build_experts(family: str, module: str, name: str, dtype=torch.float32, seed
     raise RuntimeError("; ".join(errors) or "no config class")
 
 
-def tiny_model_config(family: str):
-    """A tiny config of a whole model (2 layers, 6-8 experts, top-2) for the end-to-end tests."""
+def tiny_model_config(family: str, layers: int = 2):
+    """A tiny config of a whole model (``layers`` layers, 6-8 experts, top-2) for the end-to-end tests."""
     import transformers as tf
 
-    common = dict(vocab_size=96, hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=4,
+    common = dict(vocab_size=96, hidden_size=HIDDEN, num_hidden_layers=layers, num_attention_heads=4,
                   max_position_embeddings=64, tie_word_embeddings=False)
     if family == "mixtral":
         return tf.MixtralConfig(intermediate_size=INTER, num_key_value_heads=2, num_local_experts=EXPERTS,
@@ -126,7 +126,7 @@ def tiny_model_config(family: str):
     if family == "gpt_oss":
         return tf.GptOssConfig(intermediate_size=INTER, num_key_value_heads=2, head_dim=8, num_local_experts=EXPERTS,
                                num_experts_per_tok=2, sliding_window=8,
-                               layer_types=["sliding_attention", "full_attention"], **common)
+                               layer_types=["sliding_attention", "full_attention"][:layers], **common)
     if family == "deepseek_v3":
         return tf.DeepseekV3Config(intermediate_size=2 * INTER, moe_intermediate_size=INTER, num_key_value_heads=4,
                                    n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=2,
@@ -138,14 +138,19 @@ def tiny_model_config(family: str):
 MODEL_FAMILIES = ("mixtral", "qwen3_moe", "olmoe", "gpt_oss", "deepseek_v3")
 
 
-def tiny_model(family: str, implementation: str, dtype=torch.float32, seed: int = 0):
-    """The tiny model of ``family`` with random weights (the same for every implementation)."""
+def tiny_model(family: str, implementation: str, dtype=torch.float32, seed: int = 0, layers: int = 2):
+    """The tiny model of ``family`` with random weights (the same for every implementation and in
+    every process: the expert and router weights are seeded from a CRC of their name, not from
+    Python's per-process randomised ``hash``)."""
+    import zlib
+
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    m = AutoModelForCausalLM.from_config(tiny_model_config(family), experts_implementation=implementation)
+    m = AutoModelForCausalLM.from_config(tiny_model_config(family, layers), experts_implementation=implementation)
     with torch.no_grad():  # expert weights start as torch.empty in some families
         for name, p in m.named_parameters():
             if "experts" in name or "router" in name or name.endswith("gate.weight"):
-                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(hash(name) % 2**31)) * 0.1)
+                g = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
     return m.to(dtype)

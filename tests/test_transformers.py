@@ -59,8 +59,14 @@ def test_model_matches_eager_fp32(family):
 
 @pytest.mark.parametrize("family", MODEL_FAMILIES)
 def test_model_bf16_is_as_accurate_as_eager(family):
-    lg64, g64 = _step(tiny_model(family, "eager", torch.float64), IDS)
-    results = {impl: _step(tiny_model(family, impl, torch.bfloat16), IDS) for impl in ("eager", "moe_kernels")}
+    """One layer: its router sees the same bf16 bits under every implementation, so both choose the
+    same experts. (With two, the second router's input carries each implementation's own bf16
+    rounding of the first layer's experts, a near-tie in its top-k can flip in one and not the other,
+    and the comparison measures that flip, not the experts' accuracy: seen as a 113% logit error in
+    one of eight weight draws.)"""
+    lg64, g64 = _step(tiny_model(family, "eager", torch.float64, layers=1), IDS)
+    results = {impl: _step(tiny_model(family, impl, torch.bfloat16, layers=1), IDS)
+               for impl in ("eager", "moe_kernels")}
     (lg_e, g_e), (lg_m, g_m) = results["eager"], results["moe_kernels"]
     assert _rel(lg_m, lg64) <= 2 * _rel(lg_e, lg64) + 1e-3
     for n in _router_params(g64) + [n for n in g64 if "experts" in n]:

@@ -122,12 +122,31 @@ def _as_in_out(module: nn.Module, name: str) -> torch.Tensor:
     return w
 
 
+class _GatherRows(torch.autograd.Function):
+    """``b[e]``, whose gradient (a sum over each expert's rows) is accumulated in fp32 and rounded
+    once: the backward of plain indexing accumulates in the bias's dtype, row after row, which in
+    bf16 measured 2.5x eager's error on GPT-OSS's down_proj_bias gradient."""
+
+    @staticmethod
+    def forward(ctx, b, e):
+        ctx.save_for_backward(e)
+        ctx.shape = b.shape
+        return b[e]
+
+    @staticmethod
+    def backward(ctx, g):
+        e, = ctx.saved_tensors
+        acc = torch.float64 if g.dtype == torch.float64 else torch.float32
+        gb = torch.zeros(ctx.shape, dtype=acc, device=g.device).index_add_(0, e, g.to(acc))
+        return gb.to(g.dtype), None
+
+
 def _row_bias(b: torch.Tensor, offsets: torch.Tensor, rows: int) -> torch.Tensor:
     """``[rows, n]``: each row's expert's bias (rows past ``offsets[E]`` get the last expert's; they
     are never combined), found on the device (no host sync)."""
     r = torch.arange(rows, device=offsets.device, dtype=offsets.dtype)
     e = torch.searchsorted(offsets[1:], r, right=True).clamp_(max=b.shape[0] - 1)
-    return b[e]
+    return _GatherRows.apply(b, e)
 
 
 # ---------------------------------------------------------------- the registered function
