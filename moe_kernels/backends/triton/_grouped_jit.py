@@ -113,8 +113,8 @@ def _rows_gemm_kernel(
                 b = tl.load(b_ptr + e64 * sbe + kk64[:, None] * sbk + cols64[None, :] * sbn,
                             mask=kmask[:, None] & cmask[None, :], other=0.0)
                 if ACC == tl.float64:
-                    if DOT64:  # the interpreter's fp64 dot (numpy's matmul)
-                        acc = tl.dot(a, b, acc)
+                    if DOT64:  # the interpreter's fp64 dot (numpy's matmul); out_dtype: 3.6/3.7 default to fp32
+                        acc = tl.dot(a, b, acc, out_dtype=ACC)
                     else:  # products and a sum: no fp64 tl.dot on the GPUs
                         acc += tl.sum(a.to(ACC)[:, :, None] * b.to(ACC)[None, :, :], axis=1)
                 elif UPCAST:
@@ -284,7 +284,7 @@ def _experts_gemm_kernel(
         at = tl.trans(a)
         if ACC == tl.float64:
             if DOT64:
-                acc = tl.dot(at, b, acc)
+                acc = tl.dot(at, b, acc, out_dtype=ACC)
             else:
                 acc += tl.sum(at.to(ACC)[:, :, None] * b.to(ACC)[None, :, :], axis=1)
         elif UPCAST:

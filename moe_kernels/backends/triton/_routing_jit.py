@@ -103,8 +103,8 @@ def _key(p):
     """A signed integer that orders like the non-negative priority ``p``; -1 for -inf (and NaN)."""
     if p.dtype == tl.float64:
         bits = p.to(tl.int64, bitcast=True)
-    else:
-        bits = p.to(tl.int32, bitcast=True).to(tl.int64)
+    else:  # fp32, or fp16/bf16 upcast exactly (their order is kept)
+        bits = p.to(tl.float32).to(tl.int32, bitcast=True).to(tl.int64)
     return tl.where(p > 0, bits, tl.where(p == 0, 0, -1))
 
 
@@ -139,7 +139,7 @@ def _threshold_kernel(ids_ptr, prio_ptr, thr_v_ptr, thr_tau_ptr, T, E, C, TDIGIT
     es = tl.program_id(0) * BEP + tl.arange(0, BEP)
     emask = es < E
     es = tl.where(emask, es, -5)  # matches no id
-    TK = T.to(tl.int64) * K
+    TK = tl.cast(T, tl.int64) * K  # also when T is a compile-time 1 (a plain int, no .to())
     zero = tl.zeros([BEP], dtype=tl.int64)
     dig = tl.arange(0, 16).to(tl.int64)
     first = tl.where(dig == 0, -2, 0)[None, :] + zero[:, None]  # count(key >= -2), count(key >= 0)
