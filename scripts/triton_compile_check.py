@@ -194,7 +194,7 @@ def record(out: str) -> None:
     import pytest
     rec = Recorder()
     t0 = time.time()
-    rc = pytest.main(["-q", "-p", "no:cacheprovider", "--no-header", "-W", "ignore", *TESTS])
+    rc = pytest.main(["-q", "--tb=no", "-rN", "-p", "no:cacheprovider", "--no-header", "-W", "ignore", *TESTS])
     t1 = time.time()
     n_err = _sweep()
     print(f"[record] tests exit {int(rc)} ({t1 - t0:.0f}s); sweep: {n_err} calls raised ({time.time() - t1:.0f}s) "
