@@ -32,6 +32,9 @@ Phase 2 compiles the cases in 2 worker processes through triton's own launch pat
 These are triton-internal APIs (pinned: triton==3.9.0 in scripts/setup.sh). ``TRITON_CACHE_DIR``
 is a fresh temporary directory, so nothing is cached across runs.
 
+Measured (triton 3.9.0, 2 busy cores): 1092 distinct launches recorded, 356 cases compiled, in
+about 9 minutes (recording 1.5, compiling 7.5).
+
 Exit status 0 when every case compiles; otherwise 1, listing per failure the kernel, the
 specialisation and the error (its first line, and its last line: the cause).
 
@@ -336,7 +339,13 @@ def compile_case(rec):
         tcompile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
         return True, time.time() - t0, ""
     except Exception as ex:  # noqa: BLE001: every failure is reported
-        return False, time.time() - t0, "".join(traceback.format_exception_only(type(ex), ex)).strip()
+        err = "".join(traceback.format_exception_only(type(ex), ex))
+        inner = ex  # a CompilationError's message is a source excerpt: the cause is at the chain's end
+        while inner.__cause__ is not None:
+            inner = inner.__cause__
+        if inner is not ex:
+            err += "".join(traceback.format_exception_only(type(inner), inner))
+        return False, time.time() - t0, err.strip()
 
 
 def _known(rec, err: str) -> str:
