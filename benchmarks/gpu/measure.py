@@ -481,7 +481,7 @@ def bench_reconcile(cfg, timer, dense):
                         "of_D": 2 * flops / tims["fwd+bwd"].median / dense["flops_per_s"]}}
 
 
-def bench_layer_graph(shape, device):
+def bench_layer_launches(shape, device):
     """The mk.nn.MoE step's launches (forward, backward) and host syncs on the GPU."""
     layer = mk.nn.MoE(shape["H"], shape["I"], shape["E"], shape["k"], activation="swiglu",
                       device=device, dtype=torch.bfloat16)
@@ -718,7 +718,7 @@ def main(argv=None):
         R["reconcile"] = bench_reconcile(rc, timer, d)
     section("reconcile", reconcile)
     if "S1" in shapes:
-        section("layer", lambda: R.__setitem__("layer", bench_layer_graph(dict(shapes["S1"], T=min(shapes["S1"]["T"], 4096)),
+        section("layer", lambda: R.__setitem__("layer", bench_layer_launches(dict(shapes["S1"], T=min(shapes["S1"]["T"], 4096)),
                                                                           device)))
     print(f"wrote {stem}.json and {stem}.md ({time.perf_counter() - t_start:.0f} s)")
     return 1 if R["errors"] and not all(v.startswith("skipped") for v in R["errors"].values()) else 0
