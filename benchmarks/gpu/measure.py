@@ -645,6 +645,8 @@ def main(argv=None):
     device = H.pick_device("auto")
     if device.type != "cuda" and not args.smoke:
         raise SystemExit("no CUDA device: run with --smoke for the CPU check (its numbers mean nothing)")
+    if device.type != "cuda" and args.backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise SystemExit("--backend triton on the CPU needs TRITON_INTERPRET=1 (benchmarks/gpu/run.sh --smoke sets it)")
     shapes, ex = (SMOKE, SMOKE_EXTRA) if args.smoke else (FULL, FULL_EXTRA)
     ex = dict(ex, reps=ex["reps"] if args.reps is None else args.reps,
               warmup=ex["warmup"] if args.warmup is None else args.warmup)
