@@ -1,4 +1,5 @@
-"""Test utilities for code built on moe_kernels: count the host synchronisations of a step.
+"""Test utilities for code built on moe_kernels: count the host synchronisations of a step (and see
+what autograd keeps for backward, :func:`saved_storages`).
 
     with mk.value_checks(False), HostSyncCounter() as syncs:    # the sync-free policy, as on a GPU
         out = layer(x)
@@ -126,4 +127,29 @@ class HostSyncCounter(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-__all__ = ["HostSync", "HostSyncCounter"]
+def saved_storages(fn, exclude=()):
+    """Run ``fn()`` and record what autograd keeps for its backward.
+
+    Returns ``(fn's result, {storage data_ptr: bytes})`` over the distinct storages of the tensors
+    saved for backward (views of one storage count once), leaving out the storages of ``exclude``
+    (parameters, which exist anyway). Keep the result alive while the dict is used: it holds the
+    graph that keeps those tensors.
+
+        out, saved = saved_storages(lambda: mk.moe_mlp(x, r, w1, w2, "swiglu"), exclude=(w1, w2))
+        activation_bytes = sum(saved.values())
+    """
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    saved = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in skip:
+            saved[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, saved
+
+
+__all__ = ["HostSync", "HostSyncCounter", "saved_storages"]

@@ -31,6 +31,15 @@ ODD_SHAPES = [
 ]
 
 
+def tensors(obj):
+    """The tensors in ``obj`` (a tensor, or nested lists / tuples; other items skipped), in order."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (list, tuple)):
+        for o in obj:
+            yield from tensors(o)
+
+
 def assert_exact(a: torch.Tensor, b: torch.Tensor, what: str = "") -> None:
     assert a.dtype == b.dtype, f"{what}: dtype {a.dtype} != {b.dtype}"
     assert a.shape == b.shape, f"{what}: shape {tuple(a.shape)} != {tuple(b.shape)}"

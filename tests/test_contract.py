@@ -18,6 +18,7 @@ import moe_kernels as mk
 from moe_kernels.backends import BACKENDS, NAMES, contract
 from moe_kernels.ops._runner import IMPLS, run
 
+from .helpers import tensors
 from .kernel_cases import kernel_args
 
 SPECS = contract.KERNELS
@@ -140,14 +141,6 @@ def _host_kernels(backend):
     return sorted(n for n, k in BACKENDS[backend].kernels.items())
 
 
-def _tensors(obj):
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, (list, tuple)):
-        for o in obj:
-            yield from _tensors(o)
-
-
 @pytest.mark.parametrize("name", sorted(SPECS))
 def test_outputs_are_new_tensors_in_contract_order(name, backend):
     if name not in BACKENDS[backend].kernels:
@@ -161,8 +154,8 @@ def test_outputs_are_new_tensors_in_contract_order(name, backend):
         return
     outs = out if len(spec.returns) > 1 else (out,)
     assert len(outs) == len(spec.returns)
-    inputs = {t.untyped_storage().data_ptr() for t in _tensors(args) if t.numel()}
-    for o in _tensors(outs):
+    inputs = {t.untyped_storage().data_ptr() for t in tensors(args) if t.numel()}
+    for o in tensors(outs):
         if o.numel():
             assert o.untyped_storage().data_ptr() not in inputs, f"{name}: an output aliases an input"
 
@@ -196,8 +189,8 @@ def test_bitwise_deterministic(name, backend):
     """Rule 5: the same inputs give the same bits, call after call."""
     if name not in BACKENDS[backend].kernels or SPECS[name].mutates:
         pytest.skip("not a functional kernel of this backend")
-    a = list(_tensors(run(backend, name, *kernel_args(name))))
-    b = list(_tensors(run(backend, name, *kernel_args(name))))
+    a = list(tensors(run(backend, name, *kernel_args(name))))
+    b = list(tensors(run(backend, name, *kernel_args(name))))
     for u, v in zip(a, b):
         assert torch.equal(u, v), name
 
@@ -267,5 +260,5 @@ def test_sync_free_policy_never_lets_a_bad_value_pass(name, i, backend):
     if spec.mutates:
         assert not bool(torch.isfinite(bad[0]).all()), f"{name}: the NaN did not reach the buffer"
         return
-    floats = [t for t in _tensors(out) if t.is_floating_point()]
+    floats = [t for t in tensors(out) if t.is_floating_point()]
     assert any(not bool(torch.isfinite(t).all()) for t in floats), f"{name}: the non-finite input vanished"

@@ -40,7 +40,9 @@ import torch
 import moe_kernels as mk
 from moe_kernels.backends import BACKENDS, NAMES, contract
 from moe_kernels.ops._runner import run
+from moe_kernels.testing import saved_storages
 
+from .helpers import assert_exact, tensors
 from .kernel_cases import kernel_args
 
 DEVICE = torch.device(os.environ.get("MOE_KERNELS_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -69,19 +71,6 @@ def _to(obj):
     if isinstance(obj, (list, tuple)):
         return type(obj)(_to(o) for o in obj)
     return obj
-
-
-def _tensors(obj):
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, (list, tuple)):
-        for o in obj:
-            yield from _tensors(o)
-
-
-def _exact(a, b, what):
-    assert a.dtype == b.dtype and a.shape == b.shape, (what, a.dtype, b.dtype, a.shape, b.shape)
-    assert torch.equal(a, b), f"{what}: not bit-identical; first diffs at {(a != b).nonzero()[:3].tolist()}"
 
 
 def _rel(a, b) -> float:
@@ -121,7 +110,7 @@ PLAN = ("topk_ids", "counts", "offsets", "slots", "sources", "num_dropped")
 
 def _same_plan(a, b):
     for f in PLAN:
-        _exact(getattr(a, f), getattr(b, f), f)
+        assert_exact(getattr(a, f), getattr(b, f), f)
 
 
 # --------------------------------------------------------------------------- every kernel
@@ -136,12 +125,12 @@ def test_every_kernel_matches_reference_on_device(name, backend):
     args = _to(kernel_args(name))
     mine = run(backend, name, *copy.deepcopy(args))
     ref = run("reference", name, *copy.deepcopy(args))
-    for i, (a, b) in enumerate(zip(_tensors(mine), _tensors(ref))):
+    for i, (a, b) in enumerate(zip(tensors(mine), tensors(ref))):
         assert a.device.type == DEVICE.type, f"{name}: output {i} on {a.device}"
         if a.is_floating_point():
             _close_fp32(a, b, f"{name} output {i}", atol=1e-6)
         else:
-            _exact(a, b, f"{name} output {i}")
+            assert_exact(a, b, f"{name} output {i}")
 
 
 # --------------------------------------------------------------------------- routing
@@ -188,26 +177,26 @@ def test_task_route_matches_reference(backend):
 # --------------------------------------------------------------------------- permutes
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_dispatch_combine_exact(dtype, backend):
+def test_dispatch_combineassert_exact(dtype, backend):
     _has(backend, "dispatch", "combine", "dispatch_backward", "combine_backward")
     T, E, k, d = (3001, 61, 6, 200) if GPU else (40, 7, 3, 20)
     r = mk.route(_logits(T, E), k, capacity_factor=1.0, pad_to=4, backend="reference")
     x = torch.randn(T, d, device=DEVICE).to(dtype)
     y = torch.randn(r.sources.shape[0], d, device=DEVICE).to(dtype)
-    _exact(mk.dispatch(x, r, backend=backend), mk.dispatch(x, r, backend="reference"), "dispatch")
-    _exact(mk.combine(y, r, backend=backend), mk.combine(y, r, backend="reference"), "combine")
+    assert_exact(mk.dispatch(x, r, backend=backend), mk.dispatch(x, r, backend="reference"), "dispatch")
+    assert_exact(mk.combine(y, r, backend=backend), mk.combine(y, r, backend="reference"), "combine")
     yy = [y.clone().requires_grad_() for _ in range(2)]
     ww = [r.topk_weights.clone().requires_grad_() for _ in range(2)]
     g = torch.randn(T, d, device=DEVICE).to(dtype)
     for b, yv, wv in zip((backend, "reference"), yy, ww):
         mk.combine(yv, r._replace(topk_weights=wv), backend=b).backward(g)
-    _exact(yy[0].grad, yy[1].grad, "combine grad y")
+    assert_exact(yy[0].grad, yy[1].grad, "combine grad y")
     _close_fp32(ww[0].grad, ww[1].grad, "combine grad weights", tol=1e-5 if dtype == torch.float32 else 1e-2)
     xx = [x.clone().requires_grad_() for _ in range(2)]
     gd = torch.randn(r.sources.shape[0], d, device=DEVICE).to(dtype)
     for b, xv in zip((backend, "reference"), xx):
         mk.dispatch(xv, r, backend=b).backward(gd)
-    _exact(xx[0].grad, xx[1].grad, "dispatch grad x")
+    assert_exact(xx[0].grad, xx[1].grad, "dispatch grad x")
 
 
 # --------------------------------------------------------------------------- expert MLPs
@@ -380,7 +369,7 @@ def test_layer_step_bitwise_identical_twice(opts, backend):
         x.grad = None
         runs.append([_step(layer, x)] + _grads(layer, x))
     for i, (a, b) in enumerate(zip(*runs)):
-        _exact(a, b, f"tensor {i}")
+        assert_exact(a, b, f"tensor {i}")
 
 
 def test_layer_step_makes_no_host_sync(backend):
@@ -452,7 +441,7 @@ def test_layer_step_cuda_graph_replays_the_eager_bits(opts, backend):
         x = new_x.clone().requires_grad_()
         eager = [_step(layer, x)] + _grads(layer, x)
     for i, (a, b) in enumerate(zip(replayed, eager)):
-        _exact(a, b, f"tensor {i}")
+        assert_exact(a, b, f"tensor {i}")
 
 
 # --------------------------------------------------------------------------- int64 addressing
@@ -470,9 +459,9 @@ def test_int64_addressing_past_2_pow_31(backend):
     x = torch.randn(T, d, device=DEVICE, generator=gen, dtype=torch.bfloat16)
     xs = mk.dispatch(x, r, backend=backend)
     assert xs.numel() > 2 ** 31
-    _exact(xs, x.index_select(0, r.sources.long().clamp(min=0)), "dispatch past 2^31")
+    assert_exact(xs, x.index_select(0, r.sources.long().clamp(min=0)), "dispatch past 2^31")
     yc = mk.combine(xs, r, backend=backend)
-    _exact(yc, mk.combine(xs, r, backend="reference"), "combine past 2^31")
+    assert_exact(yc, mk.combine(xs, r, backend="reference"), "combine past 2^31")
     del yc
     w = (torch.randn(E, d, 16, device=DEVICE, generator=gen) / 64).to(torch.bfloat16)
     out = mk.grouped_gemm(xs, r.offsets, w, backend=backend)
@@ -503,17 +492,8 @@ def test_moe_mlp_saves_only_x_z_and_the_plan(backend):
     w = r.topk_weights.clone().requires_grad_()
     w1 = torch.randn(E, d, 2 * h, device=DEVICE, requires_grad=True)
     w2 = torch.randn(E, h, d, device=DEVICE, requires_grad=True)
-    params = {p.untyped_storage().data_ptr() for p in (w1, w2)}
-    saved = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in params:
-            saved[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = mk.moe_mlp(x, r._replace(topk_weights=w), w1, w2, "swiglu", backend=backend)
+    out, saved = saved_storages(lambda: mk.moe_mlp(x, r._replace(topk_weights=w), w1, w2, "swiglu", backend=backend),
+                                exclude=(w1, w2))
     N = r.sources.shape[0]
     z_bytes = N * 2 * h * x.element_size()
     # the plan's storages as the op received them (route may allocate a tensor with spare room)

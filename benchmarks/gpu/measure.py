@@ -309,17 +309,9 @@ def build_layer(shape, device, routing, dtype=torch.bfloat16, seed=0):
 
 def saved_bytes(fn, exclude) -> int:
     """Bytes of the distinct storages autograd saves during ``fn()`` (``exclude``: parameters)."""
-    skip = {t.untyped_storage().data_ptr() for t in exclude}
-    seen = {}
+    from moe_kernels.testing import saved_storages
 
-    def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in skip:
-            seen[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
+    out, seen = saved_storages(fn, exclude)
     del out
     return sum(seen.values())
 
