@@ -293,6 +293,34 @@ def test_grouped_mlp_matches_reference(dtype, backend):
             _close_vs_truth(a, b, t, dtype, name)
 
 
+
+@pytest.mark.skipif(not GPU, reason="TF32 exists on the tensor cores only (the interpreter multiplies exactly)")
+def test_tf32_is_taken_when_asked_and_within_its_error(backend, monkeypatch):
+    """FP32_PRECISION="tf32": fp32 GEMMs round their inputs to 10-bit mantissas. Each product then
+    errs by at most 2 * 2^-10 of |a b| (truncating conversion; 2^-11 rounding) and the fp32 sum adds
+    K * 2^-24, so |got - exact| <= 2^-8 * sum_k |a_k b_k| bounds it with room; and the result must
+    differ from the exact ("ieee") product's bits, or TF32 was not used."""
+    if backend != "triton":
+        pytest.skip("FP32_PRECISION is the triton backend's switch")
+    from moe_kernels.backends.triton import _common
+
+    E, K, NC = 3, 256, 96
+    sizes = [70, 0, 130]
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(sum(sizes), K, generator=g).to(DEVICE)
+    w = torch.randn(E, K, NC, generator=g).to(DEVICE)
+    offsets = torch.tensor([0, 70, 70, 200], dtype=torch.int32, device=DEVICE)
+    exact = torch.cat([x[:70].double() @ w[0].double(), x[70:].double() @ w[2].double()])
+    scale = torch.cat([x[:70].double().abs() @ w[0].double().abs(), x[70:].double().abs() @ w[2].double().abs()])
+    outs = {}
+    for prec in ("ieee", "tf32"):
+        monkeypatch.setattr(_common, "FP32_PRECISION", prec)
+        outs[prec] = mk.grouped_gemm(x, offsets, w, backend=backend)
+    assert ((outs["tf32"].double() - exact).abs() <= 2.0 ** -8 * scale).all()
+    assert ((outs["ieee"].double() - exact).abs() <= K * 2.0 ** -24 * scale).all()  # fp32 sums only
+    assert not torch.equal(outs["tf32"], outs["ieee"]), "FP32_PRECISION='tf32' gave the exact product's bits"
+
+
 # --------------------------------------------------------------------------- reconcile and losses
 
 @pytest.mark.parametrize("bn", [False, True])

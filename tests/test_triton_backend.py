@@ -541,3 +541,58 @@ print(json.dumps({"bad": bad, "seen": seen}))
     assert out.returncode == 0, out.stderr[-2000:]
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert res["seen"] >= 25 and res["bad"] == [], res
+
+
+class _LaunchSpy:
+    """Stands in for a @triton.jit kernel: records each launch's keyword arguments, then launches it."""
+
+    def __init__(self, kernel, log):
+        self.kernel, self.log = kernel, log
+
+    def __getitem__(self, grid):
+        def launch(*args, **kw):
+            self.log.append(kw)
+            return self.kernel[grid](*args, **kw)
+
+        return launch
+
+
+def test_fp32_precision_is_explicit(triton_backend, monkeypatch):
+    """fp32 GEMMs multiply exactly ("ieee") unless TF32 is asked for, by FP32_PRECISION, the
+    environment, or torch's own set_float32_matmul_precision; every GEMM launch gets the choice."""
+    from moe_kernels.backends.triton import _common, _grouped_jit, _reconcile_jit
+
+    monkeypatch.delenv(_common.FP32_PRECISION_ENV, raising=False)
+    assert _common.fp32_precision() == "ieee"  # torch's default, "highest"
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")
+        assert _common.fp32_precision() == "tf32"
+    finally:
+        torch.set_float32_matmul_precision(before)
+    monkeypatch.setenv(_common.FP32_PRECISION_ENV, "tf32")
+    assert _common.fp32_precision() == "tf32"
+    monkeypatch.setattr(_common, "FP32_PRECISION", "ieee")  # the attribute wins over the environment
+    assert _common.fp32_precision() == "ieee"
+    monkeypatch.setattr(_common, "FP32_PRECISION", "tf32x3")
+    with pytest.raises(ValueError, match="FP32_PRECISION"):
+        _common.fp32_precision()
+
+    monkeypatch.setattr(_common, "FP32_PRECISION", "tf32")
+    log = []
+    for mod, names in ((_grouped_jit, ("_rows_gemm_kernel", "_experts_gemm_kernel")),
+                       (_reconcile_jit, ("_fwd_kernel", "_bwd_gz_kernel", "_wgrad_kernel"))):
+        for n in names:
+            monkeypatch.setattr(mod, n, _LaunchSpy(getattr(mod, n), log))
+    from moe_kernels.backends.triton import reconcile as rec
+
+    tri = _kernels("triton")
+    torch.manual_seed(3)
+    o, N = _offsets_of([5, 0, 9], 1)
+    x, w = torch.randn(N, 16), torch.randn(3, 16, 8)
+    out = tri["grouped_gemm"](x, o, w)
+    tri["grouped_gemm_backward"](torch.randn_like(out), x, o, w, True, True)
+    main, aux, ws = torch.randn(6, 8), [torch.randn(6, 16)], [torch.randn(16, 8)]
+    y, stats = rec.reconcile(main, aux, ws, [torch.randn(8)], "gelu", False, None, None, 1e-5)
+    rec.reconcile_backward(torch.randn_like(y), aux, ws, [torch.randn(8)], "gelu", False, None, None, stats)
+    assert len(log) >= 5 and {kw["PREC"] for kw in log} == {"tf32"}, log

@@ -7,6 +7,27 @@ import os
 import torch
 
 INTERPRET_ENV = "TRITON_INTERPRET"
+FP32_PRECISION_ENV = "MOE_KERNELS_FP32_PRECISION"
+
+#: How fp32 GEMMs feed the tensor cores: "ieee" (exact fp32 products, the contract's parity), "tf32"
+#: (10-bit mantissas: several times faster on Ampere and Hopper, about 1e-3 relative error) or None:
+#: the environment variable ``MOE_KERNELS_FP32_PRECISION`` if set, else torch's own switch,
+#: ``torch.get_float32_matmul_precision()`` ("highest", the default: "ieee"; "high" or "medium":
+#: "tf32"), so a trainer that allows TF32 for torch's matmuls gets it here too. fp16/bf16 GEMMs are
+#: unaffected (their products are exact in fp32); fp64 never uses tensor cores.
+FP32_PRECISION: str | None = None
+_PRECISIONS = ("ieee", "tf32")
+
+
+def fp32_precision() -> str:
+    """The ``input_precision`` of the fp32 ``tl.dot`` calls now: "ieee" or "tf32" (see FP32_PRECISION)."""
+    value = FP32_PRECISION or os.environ.get(FP32_PRECISION_ENV) or None
+    if value is None:
+        return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    if value not in _PRECISIONS:
+        raise ValueError(f"moe_kernels triton backend: FP32_PRECISION / {FP32_PRECISION_ENV} must be one of "
+                         f"{_PRECISIONS}, got {value!r}")
+    return value
 
 
 def interpreting() -> bool:

@@ -13,7 +13,8 @@ Two GEMM programs serve every op (see :mod:`moe_kernels.backends.triton.grouped`
   no atomics) and optionally sums the B operand's columns (a bias gradient) on the way.
 
 Accumulation is fp32 (fp64 for fp64 data: an elementwise-product-and-sum path, ``tl.dot`` has no
-fp64); fp32 operands use ``input_precision="ieee"``; under the interpreter fp16/bf16 operands are
+fp64); fp32 operands use ``input_precision=PREC``: "ieee" unless TF32 is asked for
+(``_common.FP32_PRECISION``); under the interpreter fp16/bf16 operands are
 upcast before ``tl.dot`` (its bf16 dot is wrong). All addresses are int64.
 """
 
@@ -37,7 +38,7 @@ def _rows_gemm_kernel(
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BE: tl.constexpr,
         GATHER: tl.constexpr, ACT_IN: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
         ROW_W: tl.constexpr, ACT_BWD: tl.constexpr, GATE: tl.constexpr, GATE_B2: tl.constexpr,
-        ACC: tl.constexpr, UPCAST: tl.constexpr, DOT64: tl.constexpr):
+        ACC: tl.constexpr, UPCAST: tl.constexpr, DOT64: tl.constexpr, PREC: tl.constexpr):
     """out[r, n] = epilogue(sum_k A[r, k] B_e[k, n]) for the rows r of expert e (B_e[k, n] at
     b + e sbe + k sbk + n sbn: any weight layout), zeros for rows past offsets[E].
 
@@ -119,8 +120,8 @@ def _rows_gemm_kernel(
                         acc += tl.sum(a.to(ACC)[:, :, None] * b.to(ACC)[None, :, :], axis=1)
                 elif UPCAST:
                     acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-                elif a.dtype == tl.float32:
-                    acc = tl.dot(a, b, acc, input_precision="ieee")
+                elif a.dtype == tl.float32:  # PREC: "ieee", or "tf32" when asked for
+                    acc = tl.dot(a, b, acc, input_precision=PREC)
                 else:
                     acc = tl.dot(a, b, acc)
                 if GATE_B2:
@@ -212,7 +213,7 @@ def _experts_gemm_kernel(
         BI: tl.constexpr, BJ: tl.constexpr, BR: tl.constexpr,
         A_GATHER: tl.constexpr, A_ACT: tl.constexpr, ACT: tl.constexpr, B_GATHER: tl.constexpr,
         ROW_W: tl.constexpr, BSUM: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr,
-        DOT64: tl.constexpr):
+        DOT64: tl.constexpr, PREC: tl.constexpr):
     """out[e, i, j] = sum over the rows r of expert e, in order, of A[r, i] B[r, j] (out at
     e soe + i soi + j soj: the weight's layout); BSUM: bsum[e, j] = sum_r B[r, j] (program i = 0).
 
@@ -290,7 +291,7 @@ def _experts_gemm_kernel(
         elif UPCAST:
             acc = tl.dot(at.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
         elif at.dtype == tl.float32:
-            acc = tl.dot(at, b, acc, input_precision="ieee")
+            acc = tl.dot(at, b, acc, input_precision=PREC)
         else:
             acc = tl.dot(at, b, acc)
         if BSUM:

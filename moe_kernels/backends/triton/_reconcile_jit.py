@@ -73,12 +73,14 @@ def _act_bwd(z, g, ACT: tl.constexpr, FP64: tl.constexpr):
 
 @triton.jit
 def _mm_tile(a_ptr, a_rs, a_ks, b_ptr, b_ks, b_cs, rows, rmask, cols, cmask, K, BM: tl.constexpr,
-             BN: tl.constexpr, BK: tl.constexpr, FP64: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+             BN: tl.constexpr, BK: tl.constexpr, FP64: tl.constexpr, UPCAST: tl.constexpr, F32: tl.constexpr,
+             PREC: tl.constexpr):
     """sum_k a[rows, k] * b[k, cols] in fp32 (fp64), k = 0..K-1 in BK chunks, in order.
 
     a[r, k] is at a_ptr + r * a_rs + k * a_ks and b[k, c] at b_ptr + k * b_ks + c * b_cs (int64
     rows/columns given). fp64: an elementwise product summed over the chunk (tl.dot has no fp64);
     UPCAST: 16-bit inputs upcast to fp32 before tl.dot (the interpreter's bf16 dot is wrong).
+    F32: fp32 inputs, multiplied with input_precision PREC ("ieee", or "tf32" when asked for).
     """
     acc = _zeros([BM, BN], FP64)
     for k0 in range(0, K, BK):
@@ -91,8 +93,8 @@ def _mm_tile(a_ptr, a_rs, a_ks, b_ptr, b_ks, b_cs, rows, rmask, cols, cmask, K, 
                     other=0.0)
         if FP64:
             acc += tl.sum(a.to(tl.float64)[:, :, None] * b.to(tl.float64)[None, :, :], axis=1)
-        elif IEEE:
-            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        elif F32:  # PREC: "ieee" or "tf32" (_common.fp32_precision)
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=PREC)
         elif UPCAST:
             acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
         else:
@@ -104,7 +106,8 @@ def _mm_tile(a_ptr, a_rs, a_ks, b_ptr, b_ks, b_cs, rows, rmask, cols, cmask, K, 
 def _fwd_kernel(main_ptr, out_ptr, zbuf_ptr, part_ptr, stats_ptr, gamma_ptr, beta_ptr, aux, ws, bs, wks, wcs, ks,
                 N, C, L: tl.constexpr, HAS_MAIN: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
                 PHASE: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, BM: tl.constexpr,
-                BN: tl.constexpr, BK: tl.constexpr, FP64: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+                BN: tl.constexpr, BK: tl.constexpr, FP64: tl.constexpr, UPCAST: tl.constexpr, F32: tl.constexpr,
+             PREC: tl.constexpr):
     """One [BM, BN] tile of the output, every link in order.
 
     PHASE 0 (plain links): out = main + sum_i act(round(aux_i @ W_i) + b_i), summed in fp32 (fp64)
@@ -133,7 +136,7 @@ def _fwd_kernel(main_ptr, out_ptr, zbuf_ptr, part_ptr, stats_ptr, gamma_ptr, bet
             zr = _up(tl.load(zbuf_ptr + zoff, mask=m2, other=0.0), FP64)
         else:
             z = _mm_tile(aux[i], ks[i], 1, ws[i], wks[i], wcs[i], rows, rmask, cols, cmask, ks[i], BM, BN, BK,
-                         FP64, UPCAST, IEEE)
+                         FP64, UPCAST, F32, PREC)
             zr = _up(cast(z, dt), FP64)  # the GEMM's output in the dtype, as the reference's
         if PHASE == 1:
             tl.store(zbuf_ptr + zoff, cast(zr, dt), mask=m2)
@@ -197,7 +200,7 @@ def _bwd_gz_kernel(g_ptr, a_ptr, w_ptr, b_ptr, stats_ptr, gamma_ptr, beta_ptr, s
                    N, C, K, wks, wcs, link, ACT: tl.constexpr, BN_MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
                    HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, NEED_Z: tl.constexpr, STORE: tl.constexpr,
                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, FP64: tl.constexpr, UPCAST: tl.constexpr,
-                   IEEE: tl.constexpr):
+                   F32: tl.constexpr, PREC: tl.constexpr):
     """Backward pass 1 of one link on a [BM, BN] tile (z = aux @ W recomputed when NEED_Z).
 
     Plain: gz = act'(z + b) * g, rounded to the dtype, into scratch (STORE) and its per-tile column
@@ -216,7 +219,7 @@ def _bwd_gz_kernel(g_ptr, a_ptr, w_ptr, b_ptr, stats_ptr, gamma_ptr, beta_ptr, s
     g = _up(tl.load(g_ptr + off, mask=m2, other=0.0), FP64)
     pbase = part_ptr + pm.to(tl.int64) * 2 * C
     if NEED_Z:
-        z = _mm_tile(a_ptr, K, 1, w_ptr, wks, wcs, rows, rmask, cols, cmask, K, BM, BN, BK, FP64, UPCAST, IEEE)
+        z = _mm_tile(a_ptr, K, 1, w_ptr, wks, wcs, rows, rmask, cols, cmask, K, BM, BN, BK, FP64, UPCAST, F32, PREC)
         zr = _up(cast(z, dt), FP64)
         zf = zr
         if HAS_BIAS:
@@ -313,7 +316,8 @@ def _bn_gz_kernel(g_ptr, b_ptr, stats_ptr, gamma_ptr, beta_ptr, sums_ptr, scratc
 
 @triton.jit(do_not_specialize=["N"])
 def _wgrad_kernel(a_ptr, gz_ptr, gw_ptr, N, K, C, gks, gcs, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                  FP64: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+                  FP64: tl.constexpr, UPCAST: tl.constexpr, F32: tl.constexpr,
+             PREC: tl.constexpr):
     """grad_W[kk, c] = sum_n aux[n, kk] * gz[n, c]: one program per [BM, BN] tile of grad_W looping
     over every row in order (no split over rows, so no cross-program reduction)."""
     kk = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
@@ -321,6 +325,6 @@ def _wgrad_kernel(a_ptr, gz_ptr, gw_ptr, N, K, C, gks, gcs, BM: tl.constexpr, BN
     cols = (tl.program_id(1) * BN + tl.arange(0, BN)).to(tl.int64)
     cmask = cols < C
     # aux^T [K, N]: element (kk, n) at kk + n * K
-    acc = _mm_tile(a_ptr, 1, K, gz_ptr, C, 1, kk, kmask, cols, cmask, N, BM, BN, BK, FP64, UPCAST, IEEE)
+    acc = _mm_tile(a_ptr, 1, K, gz_ptr, C, 1, kk, kmask, cols, cmask, N, BM, BN, BK, FP64, UPCAST, F32, PREC)
     tl.store(gw_ptr + kk[:, None] * gks + cols[None, :] * gcs, cast(acc, gw_ptr.dtype.element_ty),
              mask=kmask[:, None] & cmask[None, :])

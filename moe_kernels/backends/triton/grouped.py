@@ -32,7 +32,9 @@ gradients are allocated with ``torch.empty_like(w)``, in the weight's layout.
   order), dW2 from act(z) and w g, dW1 from the gathered x, and dx as the gather-sum over each
   token's k slots of dz w1^T (no atomics).
 
-Accumulation is fp32 (fp64 for fp64); outputs are in x's dtype with round-to-nearest-even (also
+Accumulation is fp32 (fp64 for fp64); fp32 operands are multiplied exactly (``input_precision="ieee"``)
+unless TF32 is asked for (``_common.FP32_PRECISION``, the environment or torch's own
+``torch.set_float32_matmul_precision("high")``); outputs are in x's dtype with round-to-nearest-even (also
 for bf16 under the interpreter). Block sizes: under the interpreter one configuration with big
 tiles (few programs); on a GPU a small table chosen from the rows per expert (no autotuning).
 """
@@ -41,7 +43,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import acc_dtype, cdiv, interpreting, is_fp64, pow2
+from ._common import acc_dtype, cdiv, fp32_precision, interpreting, is_fp64, pow2
 
 _ACT = {"none": 0, "gelu": 1, "relu": 2, "silu": 3, "swiglu": 4}
 
@@ -111,7 +113,7 @@ def _rows(a, offsets, w, out, *, K, NC, lda, trans=False, src=None, act_in=False
         BM=BM, BN=BN, BK=BK, BE=pow2(E), GATHER=src is not None, ACT_IN=bool(act_in), ACT=act,
         HAS_BIAS=bias is not None, ROW_W=rw is not None, ACT_BWD=bool(act_bwd), GATE=part is not None,
         GATE_B2=part is not None and b2 is not None, ACC=_acc(a), UPCAST=_upcast(a), DOT64=_dot64(),
-        num_warps=nw)
+        PREC=fp32_precision(), num_warps=nw)
 
 
 def _experts(a, b, offsets, out, bsum=None, *, I, J, lda, ldb, src=None, a_gather=False, a_act=False, act=0,
@@ -129,7 +131,7 @@ def _experts(a, b, offsets, out, bsum=None, *, I, J, lda, ldb, src=None, a_gathe
         bsum if bsum is not None else out, I, J, lda, ldb, half, so[0], so[1], so[2],
         BI=BI, BJ=BJ, BR=BR, A_GATHER=bool(a_gather), A_ACT=bool(a_act), ACT=act, B_GATHER=bool(b_gather),
         ROW_W=rw is not None, BSUM=bsum is not None, ACC=_acc(b), UPCAST=_upcast(b), DOT64=_dot64(),
-        num_warps=nw)
+        PREC=fp32_precision(), num_warps=nw)
 
 
 def _nonempty(t: torch.Tensor) -> torch.Tensor:

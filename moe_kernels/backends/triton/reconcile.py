@@ -2,9 +2,9 @@
 
 Forward, plain links (one launch, ``_fwd_kernel`` PHASE 0): a program owns a ``[BM, BN]`` tile of
 the output and, for every link in order (the links are passed as tuples of tensors and unrolled),
-runs the GEMM ``aux_i @ W_i`` over ``C_i`` in fp32 (``tl.dot``, ``input_precision="ieee"`` for
-fp32; fp64 by elementwise products summed per chunk), rounds it to the dtype as a GEMM's output
-is, adds the bias and applies the activation in fp32 (fp64), and sums the links onto ``main`` in
+runs the GEMM ``aux_i @ W_i`` over ``C_i`` in fp32 (``tl.dot``; fp32 inputs with
+``input_precision="ieee"`` unless TF32 is asked for, see ``_common.FP32_PRECISION``; fp64 by
+elementwise products summed per chunk), rounds it to the dtype as a GEMM's output is, adds the bias and applies the activation in fp32 (fp64), and sums the links onto ``main`` in
 the epilogue; the output is rounded once. Nothing of the output's size but the output is written.
 
 Forward with ``batch_norm`` (three launches): PHASE 1 writes each link's rounded GEMM output into
@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import acc_dtype, cdiv, interpreting, is_fp64, pow2
+from ._common import acc_dtype, cdiv, fp32_precision, interpreting, is_fp64, pow2
 
 _ACTS = {"none": 0, "relu": 1, "gelu": 2, "silu": 3}
 
@@ -46,7 +46,7 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
 
 def _modes(dtype: torch.dtype) -> dict:
     fp64 = dtype == torch.float64
-    return dict(FP64=fp64, UPCAST=interpreting() and not fp64, IEEE=dtype == torch.float32)
+    return dict(FP64=fp64, UPCAST=interpreting() and not fp64, F32=dtype == torch.float32, PREC=fp32_precision())
 
 
 def _tiles(N: int, C: int, K: int, fp64: bool) -> tuple:
