@@ -38,7 +38,8 @@ def _rows_gemm_kernel(
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BE: tl.constexpr,
         GATHER: tl.constexpr, ACT_IN: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
         ROW_W: tl.constexpr, ACT_BWD: tl.constexpr, GATE: tl.constexpr, GATE_B2: tl.constexpr,
-        ACC: tl.constexpr, UPCAST: tl.constexpr, DOT64: tl.constexpr, PREC: tl.constexpr):
+        ACC: tl.constexpr, UPCAST: tl.constexpr, DOT64: tl.constexpr, PREC: tl.constexpr,
+        STORE: tl.constexpr):
     """out[r, n] = epilogue(sum_k A[r, k] B_e[k, n]) for the rows r of expert e (B_e[k, n] at
     b + e sbe + k sbk + n sbn: any weight layout), zeros for rows past offsets[E].
 
@@ -48,6 +49,7 @@ def _rows_gemm_kernel(
     stored value is d z (z, out: [N, ldo]; swiglu writes the gate's columns n and the up columns
     n + HALF). GATE: part[pid_n, r] = sum_n product[r, n] act(z)[r, n] (before ROW_W), plus
     sum_k A[r, k] b2[e, k] in column tile 0 (GATE_B2): the partial dots of the gate gradient.
+    STORE false (with GATE): nothing is written to ``out`` (only the gate gradient is wanted).
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -152,36 +154,37 @@ def _rows_gemm_kernel(
                     if GATE_B2:
                         part += tl.where(pid_n == 0, bdot, 0.0)
                     tl.store(part_ptr + pid_n.to(tl.int64) * N + rows64, part, mask=in_e)
-                if ROW_W:
-                    acc = acc * rw[:, None]
-                # d act(z) rounded to z's dtype (the reference's g @ w2^T tensor), then d z from it
-                # (ATen's gelu_backward, threshold_backward, silu_backward formulas)
-                if out_ptr.dtype.element_ty == tl.bfloat16:
-                    acc = cast(acc, tl.bfloat16).to(ACC)
-                elif out_ptr.dtype.element_ty == tl.float16:
-                    acc = acc.to(tl.float16).to(ACC)
-                if ACT == 4:
-                    gu = acc * zu
+                if STORE:  # (not STORE: only the gate gradient's partial dots are wanted)
+                    if ROW_W:
+                        acc = acc * rw[:, None]
+                    # d act(z) rounded to z's dtype (the reference's g @ w2^T tensor), then d z from it
+                    # (ATen's gelu_backward, threshold_backward, silu_backward formulas)
                     if out_ptr.dtype.element_ty == tl.bfloat16:
-                        gu = cast(gu, tl.bfloat16).to(ACC)
-                        silu = cast(silu, tl.bfloat16).to(ACC)
+                        acc = cast(acc, tl.bfloat16).to(ACC)
                     elif out_ptr.dtype.element_ty == tl.float16:
-                        gu = gu.to(tl.float16).to(ACC)
-                        silu = silu.to(tl.float16).to(ACC)
-                    dz = gu * sg * (1.0 + zg * (1.0 - sg))
-                    du = acc * silu
-                    if out_ptr.dtype.element_ty == tl.bfloat16:
-                        du = cast(du, tl.bfloat16)
-                    tl.store(op + HALF, du.to(out_ptr.dtype.element_ty), mask=m2)
-                elif ACT == 1:
-                    dz = acc * (cdf + zg * tl.exp(-0.5 * zg * zg) * 0.3989422804014327)
-                elif ACT == 2:
-                    dz = tl.where(zg <= 0, 0.0, acc)
-                elif ACT == 3:
-                    dz = acc * sg * (1.0 + zg * (1.0 - sg))
-                else:
-                    dz = acc
-                res = dz
+                        acc = acc.to(tl.float16).to(ACC)
+                    if ACT == 4:
+                        gu = acc * zu
+                        if out_ptr.dtype.element_ty == tl.bfloat16:
+                            gu = cast(gu, tl.bfloat16).to(ACC)
+                            silu = cast(silu, tl.bfloat16).to(ACC)
+                        elif out_ptr.dtype.element_ty == tl.float16:
+                            gu = gu.to(tl.float16).to(ACC)
+                            silu = silu.to(tl.float16).to(ACC)
+                        dz = gu * sg * (1.0 + zg * (1.0 - sg))
+                        du = acc * silu
+                        if out_ptr.dtype.element_ty == tl.bfloat16:
+                            du = cast(du, tl.bfloat16)
+                        tl.store(op + HALF, du.to(out_ptr.dtype.element_ty), mask=m2)
+                    elif ACT == 1:
+                        dz = acc * (cdf + zg * tl.exp(-0.5 * zg * zg) * 0.3989422804014327)
+                    elif ACT == 2:
+                        dz = tl.where(zg <= 0, 0.0, acc)
+                    elif ACT == 3:
+                        dz = acc * sg * (1.0 + zg * (1.0 - sg))
+                    else:
+                        dz = acc
+                    res = dz
             else:
                 if ROW_W:
                     acc = acc * rw[:, None]
@@ -192,18 +195,19 @@ def _rows_gemm_kernel(
                         acc = acc.to(tl.float16).to(ACC)
                     acc += tl.load(bias_ptr + e64 * NC + cols64, mask=cmask, other=0.0).to(ACC)[None, :]
                 res = acc
-            if out_ptr.dtype.element_ty == tl.bfloat16:
-                res = cast(res, tl.bfloat16)
-            tl.store(op, res.to(out_ptr.dtype.element_ty), mask=m2)
-    # rows past offsets[E]: zeros
-    tail = inside & (rows >= total)
-    mt = tail[:, None] & cmask[None, :]
-    zero = tl.zeros([BM, BN], dtype=out_ptr.dtype.element_ty)
-    op = out_ptr + rows64[:, None] * ldo + cols64[None, :]
-    tl.store(op, zero, mask=mt)
-    if ACT_BWD:
-        if ACT == 4:
-            tl.store(op + HALF, zero, mask=mt)
+            if STORE:
+                if out_ptr.dtype.element_ty == tl.bfloat16:
+                    res = cast(res, tl.bfloat16)
+                tl.store(op, res.to(out_ptr.dtype.element_ty), mask=m2)
+    if STORE:  # rows past offsets[E]: zeros
+        tail = inside & (rows >= total)
+        mt = tail[:, None] & cmask[None, :]
+        zero = tl.zeros([BM, BN], dtype=out_ptr.dtype.element_ty)
+        op = out_ptr + rows64[:, None] * ldo + cols64[None, :]
+        tl.store(op, zero, mask=mt)
+        if ACT_BWD:
+            if ACT == 4:
+                tl.store(op + HALF, zero, mask=mt)
 
 
 @triton.jit

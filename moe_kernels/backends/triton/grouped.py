@@ -95,7 +95,7 @@ def _experts_cfg(I: int, J: int, fp64: bool) -> tuple:
 
 
 def _rows(a, offsets, w, out, *, K, NC, lda, trans=False, src=None, act_in=False, act=0, half=0, bias=None,
-          rw=None, act_bwd=False, z=None, part=None, b2=None, cfg=None):
+          rw=None, act_bwd=False, z=None, part=None, b2=None, cfg=None, store=True):
     """Launch the varlen-M GEMM: out[r, :NC] = epilogue(A[r, :K] @ W[e]) (W[e]^T when ``trans``)."""
     N = out.shape[0]
     if N == 0 or NC == 0:
@@ -113,7 +113,7 @@ def _rows(a, offsets, w, out, *, K, NC, lda, trans=False, src=None, act_in=False
         BM=BM, BN=BN, BK=BK, BE=pow2(E), GATHER=src is not None, ACT_IN=bool(act_in), ACT=act,
         HAS_BIAS=bias is not None, ROW_W=rw is not None, ACT_BWD=bool(act_bwd), GATE=part is not None,
         GATE_B2=part is not None and b2 is not None, ACC=_acc(a), UPCAST=_upcast(a), DOT64=_dot64(),
-        PREC=fp32_precision(), num_warps=nw)
+        PREC=fp32_precision(), STORE=bool(store), num_warps=nw)
 
 
 def _experts(a, b, offsets, out, bsum=None, *, I, J, lda, ldb, src=None, a_gather=False, a_act=False, act=0,
@@ -244,9 +244,12 @@ def moe_mlp_backward(grad_out, x, z, weights, slots, sources, offsets, w1, w2, b
     # partial dots <g W2^T, act(z)> (+ <g, b2>) per column tile of h
     cfg = _rows_cfg(N, w2.shape[0], dout, h, fp64)
     part = torch.empty(cdiv(h, cfg[1]), N, dtype=acc_dtype(x.dtype), device=x.device) if need_weights else None
-    gz = torch.empty_like(z)
+    # only the gate gradient wanted (frozen experts, a trained router): dz is not written (z stands in for
+    # the output, whose shape and strides it has; nothing is stored to it)
+    want_gz = need_x or need_params
+    gz = torch.empty_like(z) if want_gz else z
     _rows(g, offsets, w2, gz, K=dout, NC=h, lda=dout, trans=True, src=sources, act=act, half=half, rw=rw,
-          act_bwd=True, z=z, part=part, b2=b2, cfg=cfg)
+          act_bwd=True, z=z, part=part, b2=b2, cfg=cfg, store=want_gz)
     if need_weights and T > 0:
         if h == 0:
             part = torch.zeros(1, N, dtype=acc_dtype(x.dtype), device=x.device)
