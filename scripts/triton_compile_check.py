@@ -32,8 +32,12 @@ Phase 2 compiles the cases in 2 worker processes through triton's own launch pat
 These are triton-internal APIs (pinned: triton==3.9.0 in scripts/setup.sh). ``TRITON_CACHE_DIR``
 is a fresh temporary directory, so nothing is cached across runs.
 
-Measured (triton 3.9.0, 2 busy cores): 1092 distinct launches recorded, 356 cases compiled, in
-7.7 and 8.8 minutes in two runs (recording 1.4, compiling 6.3 to 7.4).
+The recorder also sets the launchers' ``grouped.TMA = True``, so weights whose layout allows it are
+recorded on the tensor-descriptor path (as on an H100/H200) and the others on pointer loads; a sweep
+pass with ``FP32_PRECISION = "tf32"`` records the TF32 GEMMs.
+
+Measured (triton 3.9.0, 2 cores): 1385 distinct launches recorded, 425 cases compiled (51 of them
+with a tensor descriptor), in 5.9 minutes (recording 1.7, compiling 4.2).
 
 Exit status 0 when every case compiles; otherwise 1, listing per failure the kernel, the
 specialisation and the error (its first line, and its last line: the cause).
@@ -69,8 +73,9 @@ TESTS = [
     "tests/test_triton_backend.py::test_moe_mlp_kernels_hf_weights",
     "tests/test_triton_backend.py::test_grouped_kernels_empty_inputs",
 ]
-#: Sweep geometries (T, E, K, D, H) for tests/kernel_cases.py: the conformance one, all ones, one token.
-SWEEP_GEOMS = [(9, 5, 2, 6, 4), (1, 1, 1, 1, 1), (1, 5, 2, 6, 4)]
+#: Sweep geometries (T, E, K, D, H) for tests/kernel_cases.py: the conformance one, all ones, one token,
+#: and one whose weight rows are 16-byte aligned in every dtype (the tensor-descriptor path).
+SWEEP_GEOMS = [(9, 5, 2, 6, 4), (1, 1, 1, 1, 1), (1, 5, 2, 6, 4), (9, 5, 2, 16, 16)]
 #: Int constexprs that select a code path (kept exactly in the base); other int constexprs are sizes.
 FLAG_NAMES = {"ACT", "MODE", "PHASE", "POLICY", "TASK", "NS", "ACC"}
 DTYPES = ("float32", "float16", "bfloat16", "float64", "int32", "int64", "int16", "int8", "bool", "uint8")
@@ -103,6 +108,10 @@ def _enc(x, cexpr: bool):
         return ("t", tuple(_enc(e, cexpr) for e in x))
     if isinstance(x, tl.dtype):
         return ("d", x.name)
+    if isinstance(x, str):
+        return ("s", x)
+    if type(x).__name__ == "TensorDescriptor":
+        return ("D", str(x.base.dtype).replace("torch.", ""), tuple(x.shape), tuple(x.strides), tuple(x.block_shape))
     return ("o", repr(x))
 
 
@@ -116,6 +125,8 @@ def _spec_key(e):
         return ("f",)
     if e[0] == "t":
         return ("t", tuple(_spec_key(c) for c in e[1]))
+    if e[0] == "D":  # a descriptor compiles by its dtype and block; shape and strides are runtime values
+        return ("D", e[1], e[4])
     return e
 
 
@@ -145,6 +156,8 @@ class Recorder:
         interpreter.InterpretedFunction.run = run
         for m in LAUNCHER_MODULES:  # the launchers pick their GPU tile configurations
             importlib.import_module(f"moe_kernels.backends.triton.{m}").interpreting = lambda: False
+        # and the descriptor path wherever the weight's layout allows it, as on an H100/H200
+        importlib.import_module("moe_kernels.backends.triton.grouped").TMA = True
 
 
 def _sweep():
@@ -187,6 +200,21 @@ def _sweep():
                         fn(*v)
                     except Exception:  # a launch before the error is recorded all the same
                         n_err += 1
+    # fp32 GEMMs with TF32 asked for (input_precision="tf32"), at the conformance geometry
+    from moe_kernels.backends.triton import _common
+    kc.T, kc.E, kc.K, kc.D, kc.H = SWEEP_GEOMS[0]
+    _common.FP32_PRECISION = "tf32"
+    try:
+        for spec in contract.KERNELS.values():
+            if spec.module not in ("grouped", "reconcile"):
+                continue
+            fn = getattr(importlib.import_module(f"moe_kernels.backends.triton.{spec.module}"), spec.name, None)
+            try:
+                fn(*kc.kernel_args(spec.name))
+            except Exception:
+                n_err += 1
+    finally:
+        _common.FP32_PRECISION = None
     return n_err
 
 
@@ -224,8 +252,10 @@ def _base(rec):
         elif e[0] == "c":
             if pname in FLAG_NAMES:
                 parts.append((pname, e[1]))
-        elif e[0] == "o":
+        elif e[0] in ("o", "s"):
             parts.append((pname, e[1]))
+        elif e[0] == "D":
+            parts.append((pname, _spec_key(e)))
     return (name, tuple(parts), opts)
 
 
@@ -240,8 +270,10 @@ def _features(rec):
             out.add((name, pname, "a16" if e[2] else "unaligned"))
         elif e[0] == "i":
             out.add((name, pname, e[1]))
-        elif e[0] == "c":
+        elif e[0] in ("c", "s"):
             out.add((name, pname, e[1]))
+        elif e[0] == "D":
+            out.add((name, pname, _spec_key(e)))
         elif e[0] == "t":
             for j, c in enumerate(e[1]):
                 out.add((name, f"{pname}[{j}]", _spec_key(c)))
@@ -283,6 +315,8 @@ def describe(rec) -> str:
             return "(" + ",".join(one(c) for c in e[1]) + ")"
         if e[0] == "n":
             return "None"
+        if e[0] == "D":
+            return f"desc<{e[1]}{list(e[4])}>"
         return str(e[1]) if len(e) > 1 else e[0]
 
     args = ", ".join(f"{n}={one(e)}" for n, e in params if e is not None)
@@ -301,8 +335,13 @@ def _dec(e):
         return t if e[2] else t[1:]  # t[1:] of a 16-byte aligned allocation is not 16-byte aligned
     if k == "i":
         return e[2]
-    if k in ("b", "f", "c"):
+    if k in ("b", "f", "c", "s"):
         return e[1]
+    if k == "D":
+        from triton.tools.tensor_descriptor import TensorDescriptor
+        _, dt, shape, strides, block = e
+        base = torch.empty_strided(shape, strides, dtype=getattr(torch, dt))
+        return TensorDescriptor(base, list(shape), list(strides), list(block))
     if k == "n":
         return None
     if k == "t":

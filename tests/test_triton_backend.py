@@ -549,6 +549,14 @@ class _LaunchSpy:
     def __init__(self, kernel, log):
         self.kernel, self.log = kernel, log
 
+    @staticmethod
+    def real(module, name="_rows_gemm_kernel"):
+        """The module's kernel under any spies already set on it."""
+        k = getattr(module, name)
+        while isinstance(k, _LaunchSpy):
+            k = k.kernel
+        return k
+
     def __getitem__(self, grid):
         def launch(*args, **kw):
             self.log.append(kw)
@@ -577,6 +585,14 @@ def test_fp32_precision_is_explicit(triton_backend, monkeypatch):
     monkeypatch.setattr(_common, "FP32_PRECISION", "tf32x3")
     with pytest.raises(ValueError, match="FP32_PRECISION"):
         _common.fp32_precision()
+    monkeypatch.setattr(_common, "FP32_PRECISION", None)
+    from moe_kernels.backends import triton as tb
+
+    with pytest.raises(ValueError, match="set_fp32_precision: value"):
+        tb.set_fp32_precision("fp16")
+    assert _common.FP32_PRECISION is None  # bad input changes nothing
+    tb.set_fp32_precision("ieee")
+    assert _common.fp32_precision() == "ieee"  # and wins over the environment's tf32
 
     monkeypatch.setattr(_common, "FP32_PRECISION", "tf32")
     log = []
@@ -596,3 +612,48 @@ def test_fp32_precision_is_explicit(triton_backend, monkeypatch):
     y, stats = rec.reconcile(main, aux, ws, [torch.randn(8)], "gelu", False, None, None, 1e-5)
     rec.reconcile_backward(torch.randn_like(y), aux, ws, [torch.randn(8)], "gelu", False, None, None, stats)
     assert len(log) >= 5 and {kw["PREC"] for kw in log} == {"tf32"}, log
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "hf"])
+def test_weight_tiles_through_tensor_descriptors(triton_backend, monkeypatch, dtype, layout):
+    """Weights whose layout allows it are read through tensor descriptors (TMA on Hopper), both
+    orientations (forward: B = w[e]; dX: B = w[e]^T; the Hugging Face layout flips both), with zero
+    fill past K and NC; the results must equal the pointer loads' bit for bit, and misaligned
+    weights must fall back to pointer loads."""
+    from moe_kernels.backends.triton import _grouped_jit, grouped
+
+    tri = _kernels("triton")
+    torch.manual_seed(17)
+    E, d, h = 5, 32, 24  # rows of 64-128 bytes: descriptor-aligned in every dtype
+    r = mk.route(torch.randn(23, E), 2, backend="reference", capacity=6, pad_to=4)
+    x, g = torch.randn(23, d).to(dtype), torch.randn(23, d).to(dtype)
+    wts = r.topk_weights
+    plan = (r.slots, r.sources, r.offsets)
+    w1 = _hf(E, d, 2 * h, dtype, d ** -0.5) if layout == "hf" else (torch.randn(E, d, 2 * h) * d ** -0.5).to(dtype)
+    w2 = _hf(E, h, d, dtype, h ** -0.5) if layout == "hf" else (torch.randn(E, h, d) * h ** -0.5).to(dtype)
+    b1, b2 = torch.randn(E, 2 * h).to(dtype), torch.randn(E, d).to(dtype)
+    x2, gy = torch.randn(r.num_rows, d).to(dtype), torch.randn(r.num_rows, d).to(dtype)
+
+    def run(tma):
+        monkeypatch.setattr(grouped, "TMA", tma)
+        log = []
+        monkeypatch.setattr(_grouped_jit, "_rows_gemm_kernel", _LaunchSpy(_LaunchSpy.real(_grouped_jit), log))
+        out, z = tri["moe_mlp"](x, wts, *plan, w1, w2, b1, b2, "swiglu")
+        grads = tri["moe_mlp_backward"](g, x, z, wts, *plan, w1, w2, b1, b2, "swiglu", True, True, True)
+        y2, z2 = tri["grouped_mlp"](x2, r.offsets, w1, w2, b1, b2, "swiglu")
+        gg = tri["grouped_mlp_backward"](gy, x2, z2, r.offsets, w1, w2, b1, b2, "swiglu")
+        return [out, z, *grads, y2, z2, *gg], [(kw["TMA"], kw["B_T"]) for kw in log]
+
+    got, used = run(True)
+    want, unused = run(False)
+    assert {u[0] for u in used} == {True} and {u[1] for u in used} == {False, True}, used
+    assert {u[0] for u in unused} == {False}
+    for i, (a, b) in enumerate(zip(got, want)):
+        if b is not None:
+            assert_exact(a, b, f"output {i}")
+    # a weight with a row of 20 or 40 bytes: no descriptor (pointer loads serve it)
+    odd = torch.randn(E, 10, 6).to(dtype)
+    monkeypatch.setattr(grouped, "TMA", True)
+    assert grouped._weight_desc(odd, False, 16, 16) == (None, False)
+    assert grouped._weight_desc(torch.randn(E, 32, 32, dtype=torch.float64), False, 16, 16) == (None, False)

@@ -238,8 +238,33 @@ def _grouped_mm():
     return f
 
 
-def build_layer(shape, device, routing, dtype=torch.bfloat16, seed=0):
-    """Inputs and the three candidates (moe_kernels, torch grouped_mm, naive loop) on one plan."""
+@contextlib.contextmanager
+def pointer_loads():
+    """The triton backend's weight tiles read by pointer loads instead of tensor descriptors (TMA),
+    for forward and backward alike: the A/B of the two load paths, measured in the same run."""
+    from moe_kernels.backends.triton import grouped as tg
+
+    prev, tg.TMA = tg.TMA, False
+    try:
+        yield
+    finally:
+        tg.TMA = prev
+
+
+def _tma_by_default(device) -> bool:
+    """Whether moe_mlp on this device takes the triton kernels' descriptor path by default."""
+    if H.resolved_backend("moe_mlp", device, None) != "triton":
+        return False
+    from moe_kernels.backends.triton import grouped as tg
+
+    probe = torch.empty(1, 64, 64, dtype=torch.bfloat16, device=device)
+    return tg._weight_desc(probe, False, 64, 64)[0] is not None
+
+
+def build_layer(shape, device, routing, dtype=torch.bfloat16, seed=0, pointer_variant=False):
+    """Inputs and the candidates (moe_kernels, torch grouped_mm, naive loop, Liger when carried; with
+    ``pointer_variant`` moe_kernels again with pointer loads for the weights) on one plan.
+    ``contexts``: candidate -> the context manager its whole call (forward and backward) runs in."""
     T, Hd, I, E, k = (shape[n] for n in ("T", "H", "I", "E", "k"))
     g = torch.Generator(device=device).manual_seed(seed)  # drawn on the device: S4's weights are 1.3 G values
 
@@ -295,6 +320,10 @@ def build_layer(shape, device, routing, dtype=torch.bfloat16, seed=0):
         return gather_sum(y)
 
     cands = {"moe_kernels": ours, "naive loop": naive}
+    contexts = {}
+    if pointer_variant and _tma_by_default(device):
+        cands["moe_kernels (pointer loads)"] = ours
+        contexts["moe_kernels (pointer loads)"] = pointer_loads
     if gmm is not None and device.type == "cuda":
         cands["torch grouped_mm"] = torch_grouped
     liger = liger_fused_moe()
@@ -304,7 +333,7 @@ def build_layer(shape, device, routing, dtype=torch.bfloat16, seed=0):
         def liger_moe():  # its layout: gate_up [E, 2I, H], down [E, H, I] (w1c / w2c's storage)
             return liger.apply(x, w1c.transpose(1, 2), w2c.transpose(1, 2), ids, gw)
         cands["liger fused MoE"] = liger_moe
-    return dict(x=x, w1=w1, w2=w2, r=r, grad=grad, reset=reset, cands=cands)
+    return dict(x=x, w1=w1, w2=w2, r=r, grad=grad, reset=reset, cands=cands, contexts=contexts)
 
 
 def saved_bytes(fn, exclude) -> int:
@@ -316,11 +345,13 @@ def saved_bytes(fn, exclude) -> int:
     return sum(seen.values())
 
 
-def bench_moe(name, shape, timer, dense, *, skew=False, modes=("fwd", "fwd+bwd"), peers=True, T=None):
+def bench_moe(name, shape, timer, dense, *, skew=False, modes=("fwd", "fwd+bwd"), peers=True, T=None,
+              pointer_variant=False):
     shape = dict(shape, T=shape["T"] if T is None else T)
     dev = timer.device
     r = routing_for(shape, dev, skew=skew)
-    L = build_layer(shape, dev, r)
+    L = build_layer(shape, dev, r, pointer_variant=pointer_variant)
+    ctx = L["contexts"]
     # correctness: every candidate's output against the reference backend on the same inputs
     cands = L["cands"] if peers else {"moe_kernels": L["cands"]["moe_kernels"]}
     with torch.no_grad():
@@ -328,7 +359,8 @@ def bench_moe(name, shape, timer, dense, *, skew=False, modes=("fwd", "fwd+bwd")
         errs = {}
         for cname, f in cands.items():
             try:
-                errs[cname] = ((f().float() - ref).abs().max() / ref.abs().max().clamp(min=1e-30)).item()
+                with ctx.get(cname, contextlib.nullcontext)():
+                    errs[cname] = ((f().float() - ref).abs().max() / ref.abs().max().clamp(min=1e-30)).item()
             except Exception as exc:
                 errs[cname] = f"{type(exc).__name__}: {str(exc)[:200]}"
         del ref
@@ -338,18 +370,19 @@ def bench_moe(name, shape, timer, dense, *, skew=False, modes=("fwd", "fwd+bwd")
            (r.counts.max().float() / r.counts.float().mean()).item(), "empty_experts": int((r.counts == 0).sum()),
            "rel_err_vs_reference": err, "rel_err_by_candidate": errs, "flops_fwd": flops, "D_flops_per_s": dense["flops_per_s"], "modes": {}}
     for mode in modes:
-        def run(f, mode=mode):
+        def run(f, cname, mode=mode):
             def call():
-                o = f()
-                if mode == "fwd+bwd":
-                    o.backward(L["grad"])
+                with ctx.get(cname, contextlib.nullcontext)():
+                    o = f()
+                    if mode == "fwd+bwd":
+                        o.backward(L["grad"])
             return call
         failed = {}
         timed = {}
         for cname, f in cands.items():
             try:
-                run(f)()
-                timed[cname] = (run(f), L["reset"])
+                run(f, cname)()
+                timed[cname] = (run(f, cname), L["reset"])
             except Exception as exc:  # a peer that does not run here is reported, not hidden
                 failed[cname] = f"{type(exc).__name__}: {str(exc)[:200]}"
         tims = timer.time(timed)
@@ -696,7 +729,8 @@ def main(argv=None):
         if base not in shapes or base not in R["dense"]:
             continue
         section(f"moe:{key}", lambda key=key, base=base, opts=opts: R["moe"].__setitem__(
-            key, bench_moe(key, shapes[base], timer, R["dense"][base], **opts)))
+            key, bench_moe(key, shapes[base], timer, R["dense"][base], pointer_variant=key in ("S1", "S2", "S3"),
+                           **opts)))
     if "S1" in shapes and "S1" in R["dense"]:
         section("moe:small-T", lambda: R["moe"].__setitem__("small-T", bench_moe(
             "small-T", shapes["S1"], timer, R["dense"]["S1"], T=ex["small_T"])))

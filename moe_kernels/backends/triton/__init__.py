@@ -25,6 +25,12 @@ Kernels in this version (each under its contract name, :mod:`moe_kernels.backend
 
 Every kernel of the contract is here (``mutual_information_ema_update`` by delegation).
 
+Numerics and loads: fp32 GEMMs use ``input_precision="ieee"`` (exact products, the contract's
+parity) unless TF32 is asked for (``set_fp32_precision("tf32")``, ``MOE_KERNELS_FP32_PRECISION`` or
+torch's ``set_float32_matmul_precision``); on compute capability 9+ the varlen-M GEMM reads weight
+tiles through host-built tensor descriptors (TMA) where the weight's layout is 16-byte aligned,
+pointer loads otherwise (``grouped.TMA``, ``MOE_KERNELS_TRITON_TMA=0``).
+
 Compilation: every kernel is compiled once per dtype and tile configuration, not per batch size: the
 arguments that count tokens or rows (``T``, ``N``, block counts) are ``do_not_specialize``, so a
 new T (decode steps, the last short batch, T = 1) reuses the compiled kernel instead of compiling
@@ -44,6 +50,19 @@ import torch
 
 DEVICES = ("cuda", "cpu") if os.environ.get("TRITON_INTERPRET") == "1" else ("cuda",)
 HOW_TO_GET = "install triton and run on a CUDA GPU (or set TRITON_INTERPRET=1 for CPU tests)"
+
+
+def set_fp32_precision(value):
+    """How this backend's fp32 GEMMs use the tensor cores: "ieee" (exact fp32 products: the contract's
+    parity), "tf32" (inputs rounded to 10-bit mantissas: several times the fp32 throughput on
+    Ampere/Hopper, about 1e-3 relative error), or None (the default: ``MOE_KERNELS_FP32_PRECISION``
+    if set, else "tf32" exactly when ``torch.get_float32_matmul_precision()`` is not "highest").
+    fp16/bf16 GEMMs are unaffected; fp64 never uses tensor cores. Takes effect on the next call."""
+    from . import _common
+
+    if value is not None and value not in _common._PRECISIONS:
+        raise ValueError(f"set_fp32_precision: value must be one of {_common._PRECISIONS} or None, got {value!r}")
+    _common.FP32_PRECISION = value
 
 
 def probe():

@@ -33,13 +33,13 @@ from ._jit_util import cast
 
 @triton.jit(do_not_specialize=["N"])
 def _rows_gemm_kernel(
-        a_ptr, src_ptr, offsets_ptr, b_ptr, bias_ptr, rw_ptr, out_ptr, z_ptr, part_ptr, b2_ptr,
+        a_ptr, src_ptr, offsets_ptr, b_ptr, b_desc, bias_ptr, rw_ptr, out_ptr, z_ptr, part_ptr, b2_ptr,
         N, K, NC, E, lda, ldo, HALF, sbe, sbk, sbn,
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BE: tl.constexpr,
         GATHER: tl.constexpr, ACT_IN: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
         ROW_W: tl.constexpr, ACT_BWD: tl.constexpr, GATE: tl.constexpr, GATE_B2: tl.constexpr,
         ACC: tl.constexpr, UPCAST: tl.constexpr, DOT64: tl.constexpr, PREC: tl.constexpr,
-        STORE: tl.constexpr):
+        STORE: tl.constexpr, TMA: tl.constexpr, B_T: tl.constexpr):
     """out[r, n] = epilogue(sum_k A[r, k] B_e[k, n]) for the rows r of expert e (B_e[k, n] at
     b + e sbe + k sbk + n sbn: any weight layout), zeros for rows past offsets[E].
 
@@ -50,6 +50,10 @@ def _rows_gemm_kernel(
     n + HALF). GATE: part[pid_n, r] = sum_n product[r, n] act(z)[r, n] (before ROW_W), plus
     sum_k A[r, k] b2[e, k] in column tile 0 (GATE_B2): the partial dots of the gate gradient.
     STORE false (with GATE): nothing is written to ``out`` (only the gate gradient is wanted).
+    TMA: B's tiles come through ``b_desc``, a host-built tensor descriptor over the weight's physical
+    [E, rows, cols] layout (last dim contiguous; zero fill past its bounds): block [1, BK, BN], or
+    [1, BN, BK] transposed on load when B_T (B_e = the stored matrix's transpose: dX, or a weight
+    stored transposed). Otherwise (and for fp64) pointer loads through the three strides.
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -113,8 +117,14 @@ def _rows_gemm_kernel(
                         a = cast(h, tl.bfloat16)
                     else:
                         a = h.to(a_ptr.dtype.element_ty)
-                b = tl.load(b_ptr + e64 * sbe + kk64[:, None] * sbk + cols64[None, :] * sbn,
-                            mask=kmask[:, None] & cmask[None, :], other=0.0)
+                if TMA:
+                    if B_T:
+                        b = tl.trans(tl.reshape(b_desc.load([e, pid_n * BN, k0]), [BN, BK]))
+                    else:
+                        b = tl.reshape(b_desc.load([e, k0, pid_n * BN]), [BK, BN])
+                else:
+                    b = tl.load(b_ptr + e64 * sbe + kk64[:, None] * sbk + cols64[None, :] * sbn,
+                                mask=kmask[:, None] & cmask[None, :], other=0.0)
                 if ACC == tl.float64:
                     if DOT64:  # the interpreter's fp64 dot (numpy's matmul); out_dtype: 3.6/3.7 default to fp32
                         acc = tl.dot(a, b, acc, out_dtype=ACC)

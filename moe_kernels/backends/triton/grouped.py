@@ -41,6 +41,8 @@ tiles (few programs); on a GPU a small table chosen from the rows per expert (no
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from ._common import acc_dtype, cdiv, fp32_precision, interpreting, is_fp64, pow2
@@ -94,6 +96,49 @@ def _experts_cfg(I: int, J: int, fp64: bool) -> tuple:
     return (128 if I > 64 else 64), (128 if J > 64 else 64), 32, 8 if I > 64 and J > 64 else 4
 
 
+#: Tensor descriptors (TMA on Hopper) for the weight tiles of the varlen-M GEMM: None (automatic: on a
+#: GPU of compute capability >= 9 and under the interpreter, where the weight's layout allows, see
+#: _weight_desc), False (pointer loads always; also ``MOE_KERNELS_TRITON_TMA=0``) or True (wherever
+#: the layout allows, whatever the GPU).
+TMA = None
+
+
+def _tma_wanted(w: torch.Tensor) -> bool:
+    if TMA is not None:
+        return bool(TMA)
+    if os.environ.get("MOE_KERNELS_TRITON_TMA", "") == "0":
+        return False
+    if w.device.type != "cuda":
+        return interpreting()
+    return torch.cuda.get_device_capability(w.device)[0] >= 9
+
+
+def _weight_desc(w: torch.Tensor, trans: bool, BK: int, BN: int):
+    """(descriptor, B_T) for the B operand B_e = w[e] (w[e]^T when ``trans``), or (None, False) where
+    a descriptor cannot serve: fp64, no triton.tools.tensor_descriptor (triton < 3.4), a weight with
+    no unit-stride dim among its last two, a base or outer stride not a multiple of 16 bytes, an
+    empty dim, or a tile row under 16 bytes (then pointer loads, with any strides, serve instead)."""
+    if w.dtype == torch.float64 or not _tma_wanted(w) or min(w.shape) == 0:
+        return None, False
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except ImportError:
+        return None, False
+    if w.stride(2) == 1:
+        phys, flipped = w, False
+    elif w.stride(1) == 1:  # stored transposed (Hugging Face's experts): its contiguous view
+        phys, flipped = w.transpose(1, 2), True
+    else:
+        return None, False
+    b_t = trans != flipped  # the stored matrix's rows are B's columns
+    block = [1, BN, BK] if b_t else [1, BK, BN]
+    elt = w.element_size()
+    if (phys.data_ptr() % 16 or (phys.stride(0) * elt) % 16 or (phys.stride(1) * elt) % 16
+            or block[2] * elt < 16):
+        return None, False
+    return TensorDescriptor.from_tensor(phys, block), b_t
+
+
 def _rows(a, offsets, w, out, *, K, NC, lda, trans=False, src=None, act_in=False, act=0, half=0, bias=None,
           rw=None, act_bwd=False, z=None, part=None, b2=None, cfg=None, store=True):
     """Launch the varlen-M GEMM: out[r, :NC] = epilogue(A[r, :K] @ W[e]) (W[e]^T when ``trans``)."""
@@ -104,16 +149,17 @@ def _rows(a, offsets, w, out, *, K, NC, lda, trans=False, src=None, act_in=False
     BM, BN, BK, nw = cfg or _rows_cfg(N, E, K, NC, is_fp64(a))
     s0, s1, s2 = w.stride()
     sbk, sbn = (s2, s1) if trans else (s1, s2)
+    desc, b_t = _weight_desc(w, trans, BK, BN)
     d = out  # stand-in for unused pointers
     _jit()._rows_gemm_kernel[(cdiv(N, BM), cdiv(NC, BN))](
-        a, src if src is not None else offsets, offsets, w, bias if bias is not None else d,
+        a, src if src is not None else offsets, offsets, w, desc, bias if bias is not None else d,
         rw if rw is not None else d, out, z if z is not None else d, part if part is not None else d,
         b2 if b2 is not None else d,
         N, K, NC, E, lda, out.stride(0), half, s0, sbk, sbn,
         BM=BM, BN=BN, BK=BK, BE=pow2(E), GATHER=src is not None, ACT_IN=bool(act_in), ACT=act,
         HAS_BIAS=bias is not None, ROW_W=rw is not None, ACT_BWD=bool(act_bwd), GATE=part is not None,
         GATE_B2=part is not None and b2 is not None, ACC=_acc(a), UPCAST=_upcast(a), DOT64=_dot64(),
-        PREC=fp32_precision(), STORE=bool(store), num_warps=nw)
+        PREC=fp32_precision(), STORE=bool(store), TMA=desc is not None, B_T=b_t, num_warps=nw)
 
 
 def _experts(a, b, offsets, out, bsum=None, *, I, J, lda, ldb, src=None, a_gather=False, a_act=False, act=0,
