@@ -657,3 +657,44 @@ def test_weight_tiles_through_tensor_descriptors(triton_backend, monkeypatch, dt
     monkeypatch.setattr(grouped, "TMA", True)
     assert grouped._weight_desc(odd, False, 16, 16) == (None, False)
     assert grouped._weight_desc(torch.randn(E, 32, 32, dtype=torch.float64), False, 16, 16) == (None, False)
+
+
+@pytest.mark.parametrize("case", ["tiles per expert", "tiny experts", "one token", "rows past the plan"])
+def test_gpu_pair_schedule_equals_the_walk(triton_backend, monkeypatch, case):
+    """On a GPU the varlen-M GEMM runs one program per (row tile, expert segment) pair, found from
+    ``offsets`` on the device; the interpreter normally walks every pair in one program. Here the
+    GPU's schedule runs under the interpreter and must give the walk's bits: experts spanning
+    several tiles, many experts inside one tile, empty experts, T = 1, rows past offsets[E] (zeros)."""
+    from moe_kernels.backends.triton import grouped
+
+    tri = _kernels("triton")
+    torch.manual_seed(23)
+    d, h = 12, 10
+    if case in ("tiles per expert", "rows past the plan"):
+        sizes = [0, 290, 0, 5, 1] if case == "tiles per expert" else [3, 0, 60, 7]
+        o, N = _offsets_of(sizes, 9 if case == "rows past the plan" else 0)
+        E = len(sizes)
+        x, gy = torch.randn(N, d), torch.randn(N, d)
+        w1, w2 = torch.randn(E, d, 2 * h) * d ** -0.5, torch.randn(E, h, d) * h ** -0.5
+
+        def once():
+            y, z = tri["grouped_mlp"](x, o, w1, w2, None, None, "swiglu")
+            return [y, z, *tri["grouped_mlp_backward"](gy, x, z, o, w1, w2, None, None, "swiglu")]
+    else:
+        T, E, k = (40, 17, 3) if case == "tiny experts" else (1, 7, 2)
+        r = mk.route(torch.randn(T, E), k, backend="reference")
+        x, g = torch.randn(T, d), torch.randn(T, d)
+        w1, w2 = torch.randn(E, d, h) * d ** -0.5, torch.randn(E, h, d) * h ** -0.5
+        b1, b2 = torch.randn(E, h), torch.randn(E, d)
+        plan = (r.slots, r.sources, r.offsets)
+
+        def once():
+            out, z = tri["moe_mlp"](x, r.topk_weights, *plan, w1, w2, b1, b2, "gelu")
+            return [out, z, *tri["moe_mlp_backward"](g, x, z, r.topk_weights, *plan, w1, w2, b1, b2, "gelu",
+                                                     True, True, True)]
+    monkeypatch.setattr(grouped, "WALK", True)
+    walked = once()
+    monkeypatch.setattr(grouped, "WALK", False)
+    for i, (a, b) in enumerate(zip(once(), walked)):
+        if b is not None:
+            assert_exact(a, b, f"output {i}")

@@ -2,10 +2,11 @@
 
 Two GEMM programs serve every op (see :mod:`moe_kernels.backends.triton.grouped`):
 
-* ``_rows_gemm_kernel`` (varlen M): one program per (tile of BM rows of the N static rows, tile of
-  BN output columns). It finds the experts its rows belong to from ``offsets`` on the device and
-  runs one masked pass per expert in its rows (a tile straddling experts runs several; rows of one
-  pass only load and store that expert's rows); rows past ``offsets[E]`` get zeros. Optional
+* ``_rows_gemm_kernel`` (varlen M): one program per ((tile of BM rows of the N static rows,
+  expert segment) pair, tile of BN output columns). It finds its pair from ``offsets`` on the device
+  and runs one masked pass of that expert over the tile (a tile straddling experts is split over
+  several programs; a pass only loads and stores its expert's rows); rows past ``offsets[E]`` get
+  zeros. Optional
   prologue (rows gathered through ``sources``; the activation applied to z while loading) and
   epilogue (row weight, bias, activation backward, the gate-weight gradient's partial dots).
 * ``_experts_gemm_kernel`` (varlen K): one program per (expert, tile of the [I, J] product);
@@ -39,7 +40,7 @@ def _rows_gemm_kernel(
         GATHER: tl.constexpr, ACT_IN: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
         ROW_W: tl.constexpr, ACT_BWD: tl.constexpr, GATE: tl.constexpr, GATE_B2: tl.constexpr,
         ACC: tl.constexpr, UPCAST: tl.constexpr, DOT64: tl.constexpr, PREC: tl.constexpr,
-        STORE: tl.constexpr, TMA: tl.constexpr, B_T: tl.constexpr):
+        STORE: tl.constexpr, TMA: tl.constexpr, B_T: tl.constexpr, WALK: tl.constexpr):
     """out[r, n] = epilogue(sum_k A[r, k] B_e[k, n]) for the rows r of expert e (B_e[k, n] at
     b + e sbe + k sbk + n sbn: any weight layout), zeros for rows past offsets[E].
 
@@ -54,170 +55,189 @@ def _rows_gemm_kernel(
     [E, rows, cols] layout (last dim contiguous; zero fill past its bounds): block [1, BK, BN], or
     [1, BN, BK] transposed on load when B_T (B_e = the stored matrix's transpose: dX, or a weight
     stored transposed). Otherwise (and for fp64) pointer loads through the three strides.
+
+    The work is split in (row tile, segment) pairs: the segments are the E experts' row ranges and a
+    last one, [offsets[E], N), of rows past the plan (written as zeros); a segment has a pair per
+    row tile it touches. There are at most cdiv(N, BM) + E pairs (each of the E inner segment
+    boundaries splits at most one tile): that is the grid on a GPU, where each program finds its
+    pair from ``offsets`` (a prefix sum of the segments' tile counts) and does one pass of one
+    expert over one tile, so work is balanced however small the experts (no program loops over
+    every expert its tile straddles); programs past the last pair do nothing. WALK (the
+    interpreter, where each program and each reduction costs milliseconds): one program walks
+    every pair, segment by segment, through the same _rows_pass.
     """
-    pid_m = tl.program_id(0)
+    pid = tl.program_id(0)
     pid_n = tl.program_id(1)
-    r0 = pid_m * BM
-    rows = r0 + tl.arange(0, BM)
-    rows64 = rows.to(tl.int64)
-    inside = rows < N
     cols = pid_n * BN + tl.arange(0, BN)
     cmask = cols < NC
     cols64 = cols.to(tl.int64)
-    if GATHER:
-        arow = tl.load(src_ptr + rows64, mask=inside, other=-1).to(tl.int64)
-    else:
-        arow = rows64
-    # the experts of the tile's first and last rows: e(r) = #{e : offsets[e + 1] <= r}
-    ee = tl.arange(0, BE)
-    ends = tl.load(offsets_ptr + 1 + ee, mask=ee < E, other=2147483647)
-    r_last = tl.minimum(r0 + BM, N) - 1
-    e_lo = tl.sum((ends <= r0).to(tl.int32), axis=0)
-    e_end = tl.minimum(tl.sum((ends <= r_last).to(tl.int32), axis=0) + 1, E)
-    total = tl.load(offsets_ptr + E)
-    if ROW_W:
-        rw = tl.load(rw_ptr + rows64, mask=inside, other=0.0).to(ACC)
-    for e in range(e_lo, e_end):  # one masked pass per expert of the tile
-        lo = tl.load(offsets_ptr + e)
-        hi = tl.load(offsets_ptr + e + 1)
-        if hi > lo:  # empty experts between the tile's first and last row: nothing to do
-            in_e = inside & (rows >= lo) & (rows < hi)
-            if GATHER:
-                a_ok = in_e & (arow >= 0)
-            else:
-                a_ok = in_e
-            e64 = tl.cast(e, tl.int64)  # a python int under the interpreter
-            acc = tl.zeros([BM, BN], dtype=ACC)
-            bdot = tl.zeros([BM], dtype=ACC)
-            for k0 in range(0, K, BK):
-                kk = k0 + tl.arange(0, BK)
-                kmask = kk < K
-                kk64 = kk.to(tl.int64)
-                am = a_ok[:, None] & kmask[None, :]
-                ap = a_ptr + arow[:, None] * lda + kk64[None, :]
-                a = tl.load(ap, mask=am, other=0.0)
-                if ACT_IN:
-                    zf = a.to(ACC)
-                    if ACT == 4:  # swiglu, rounding silu(gate) to z's dtype first as the reference does
-                        h = zf / (1.0 + tl.exp(-zf))
+    if WALK:  # every segment, every tile of it
+        seg_first = 0
+        seg_end = E + 1
+    else:  # this program's pair: its segment, and its tile within the segment
+        ee = tl.arange(0, BE)  # BE >= E + 1
+        starts = tl.where(ee <= E, tl.load(offsets_ptr + ee, mask=ee <= E, other=0), N)
+        ends = tl.where(ee < E, tl.load(offsets_ptr + 1 + ee, mask=ee < E, other=0), N)
+        ntiles = tl.where(ends > starts, (ends - 1) // BM - starts // BM + 1, 0)
+        upto = tl.cumsum(ntiles, axis=0)  # pairs of the segments up to each, inclusive
+        seg_first = tl.sum((upto <= pid).to(tl.int32), axis=0)
+        first_pair = tl.sum(tl.where(ee == seg_first, upto - ntiles, 0), axis=0)
+        seg_end = tl.where(pid < tl.sum(ntiles, axis=0), seg_first + 1, seg_first)  # none past the last pair
+    for seg in range(seg_first, seg_end):
+        lo = tl.load(offsets_ptr + seg)
+        hi = tl.where(seg < E, tl.load(offsets_ptr + seg + 1, mask=seg < E, other=0), N)
+        if WALK:
+            tile_first = lo // BM
+            tile_end = tl.where(hi > lo, (hi - 1) // BM + 1, tile_first)
+        else:
+            tile_first = lo // BM + (pid - first_pair)
+            tile_end = tile_first + 1
+        for tile in range(tile_first, tile_end):
+            rows = tile * BM + tl.arange(0, BM)
+            rows64 = rows.to(tl.int64)
+            in_e = (rows >= lo) & (rows < hi)  # hi <= N
+            if seg < E:  # a pass of expert e = seg over its rows of the tile
+                e = seg
+                if GATHER:
+                    arow = tl.load(src_ptr + rows64, mask=in_e, other=-1).to(tl.int64)
+                    a_ok = in_e & (arow >= 0)
+                else:
+                    arow = rows64
+                    a_ok = in_e
+                if ROW_W:
+                    rw = tl.load(rw_ptr + rows64, mask=in_e, other=0.0).to(ACC)
+                e64 = tl.cast(e, tl.int64)  # a python int when walked under the interpreter
+                acc = tl.zeros([BM, BN], dtype=ACC)
+                bdot = tl.zeros([BM], dtype=ACC)
+                for k0 in range(0, K, BK):
+                    kk = k0 + tl.arange(0, BK)
+                    kmask = kk < K
+                    kk64 = kk.to(tl.int64)
+                    am = a_ok[:, None] & kmask[None, :]
+                    ap = a_ptr + arow[:, None] * lda + kk64[None, :]
+                    a = tl.load(ap, mask=am, other=0.0)
+                    if ACT_IN:
+                        zf = a.to(ACC)
+                        if ACT == 4:  # swiglu, rounding silu(gate) to z's dtype first as the reference does
+                            h = zf / (1.0 + tl.exp(-zf))
+                            if a_ptr.dtype.element_ty == tl.bfloat16:
+                                h = cast(h, tl.bfloat16).to(ACC)
+                            elif a_ptr.dtype.element_ty == tl.float16:
+                                h = h.to(tl.float16).to(ACC)
+                            h = h * tl.load(ap + HALF, mask=am, other=0.0).to(ACC)
+                        elif ACT == 1:
+                            h = 0.5 * zf * (1.0 + tl.math.erf(zf * 0.7071067811865476))
+                        elif ACT == 2:
+                            h = tl.where(zf < 0, 0.0, zf)
+                        elif ACT == 3:
+                            h = zf / (1.0 + tl.exp(-zf))
+                        else:
+                            h = zf
                         if a_ptr.dtype.element_ty == tl.bfloat16:
-                            h = cast(h, tl.bfloat16).to(ACC)
-                        elif a_ptr.dtype.element_ty == tl.float16:
-                            h = h.to(tl.float16).to(ACC)
-                        h = h * tl.load(ap + HALF, mask=am, other=0.0).to(ACC)
-                    elif ACT == 1:
-                        h = 0.5 * zf * (1.0 + tl.math.erf(zf * 0.7071067811865476))
-                    elif ACT == 2:
-                        h = tl.where(zf < 0, 0.0, zf)
-                    elif ACT == 3:
-                        h = zf / (1.0 + tl.exp(-zf))
+                            a = cast(h, tl.bfloat16)
+                        else:
+                            a = h.to(a_ptr.dtype.element_ty)
+                    if TMA:
+                        if B_T:
+                            b = tl.trans(tl.reshape(b_desc.load([e, pid_n * BN, k0]), [BN, BK]))
+                        else:
+                            b = tl.reshape(b_desc.load([e, k0, pid_n * BN]), [BK, BN])
                     else:
-                        h = zf
-                    if a_ptr.dtype.element_ty == tl.bfloat16:
-                        a = cast(h, tl.bfloat16)
+                        b = tl.load(b_ptr + e64 * sbe + kk64[:, None] * sbk + cols64[None, :] * sbn,
+                                    mask=kmask[:, None] & cmask[None, :], other=0.0)
+                    if ACC == tl.float64:
+                        if DOT64:  # the interpreter's fp64 dot (numpy's matmul); out_dtype: 3.6/3.7 default to fp32
+                            acc = tl.dot(a, b, acc, out_dtype=ACC)
+                        else:  # products and a sum: no fp64 tl.dot on the GPUs
+                            acc += tl.sum(a.to(ACC)[:, :, None] * b.to(ACC)[None, :, :], axis=1)
+                    elif UPCAST:
+                        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+                    elif a.dtype == tl.float32:  # PREC: "ieee", or "tf32" when asked for
+                        acc = tl.dot(a, b, acc, input_precision=PREC)
                     else:
-                        a = h.to(a_ptr.dtype.element_ty)
-                if TMA:
-                    if B_T:
-                        b = tl.trans(tl.reshape(b_desc.load([e, pid_n * BN, k0]), [BN, BK]))
-                    else:
-                        b = tl.reshape(b_desc.load([e, k0, pid_n * BN]), [BK, BN])
-                else:
-                    b = tl.load(b_ptr + e64 * sbe + kk64[:, None] * sbk + cols64[None, :] * sbn,
-                                mask=kmask[:, None] & cmask[None, :], other=0.0)
-                if ACC == tl.float64:
-                    if DOT64:  # the interpreter's fp64 dot (numpy's matmul); out_dtype: 3.6/3.7 default to fp32
-                        acc = tl.dot(a, b, acc, out_dtype=ACC)
-                    else:  # products and a sum: no fp64 tl.dot on the GPUs
-                        acc += tl.sum(a.to(ACC)[:, :, None] * b.to(ACC)[None, :, :], axis=1)
-                elif UPCAST:
-                    acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-                elif a.dtype == tl.float32:  # PREC: "ieee", or "tf32" when asked for
-                    acc = tl.dot(a, b, acc, input_precision=PREC)
-                else:
-                    acc = tl.dot(a, b, acc)
-                if GATE_B2:
-                    b2 = tl.load(b2_ptr + e64 * K + kk64, mask=kmask, other=0.0).to(ACC)
-                    bdot += tl.sum(a.to(ACC) * b2[None, :], axis=1)
-            m2 = in_e[:, None] & cmask[None, :]
-            op = out_ptr + rows64[:, None] * ldo + cols64[None, :]
-            if ACT_BWD:
-                zp = z_ptr + rows64[:, None] * ldo + cols64[None, :]
-                zg = tl.load(zp, mask=m2, other=0.0).to(ACC)
-                if ACT == 4:  # swiglu: zg the gate, zu the up projection
-                    zu = tl.load(zp + HALF, mask=m2, other=0.0).to(ACC)
-                    sg = 1.0 / (1.0 + tl.exp(-zg))
-                    silu = zg * sg
-                    hval = silu * zu
-                elif ACT == 1:
-                    cdf = 0.5 * (1.0 + tl.math.erf(zg * 0.7071067811865476))
-                    hval = zg * cdf
-                elif ACT == 2:
-                    hval = tl.where(zg < 0, 0.0, zg)
-                elif ACT == 3:
-                    sg = 1.0 / (1.0 + tl.exp(-zg))
-                    hval = zg * sg
-                else:
-                    hval = zg
-                if GATE:
-                    part = tl.sum(tl.where(m2, acc * hval, 0.0), axis=1)
+                        acc = tl.dot(a, b, acc)
                     if GATE_B2:
-                        part += tl.where(pid_n == 0, bdot, 0.0)
-                    tl.store(part_ptr + pid_n.to(tl.int64) * N + rows64, part, mask=in_e)
-                if STORE:  # (not STORE: only the gate gradient's partial dots are wanted)
+                        b2 = tl.load(b2_ptr + e64 * K + kk64, mask=kmask, other=0.0).to(ACC)
+                        bdot += tl.sum(a.to(ACC) * b2[None, :], axis=1)
+                m2 = in_e[:, None] & cmask[None, :]
+                op = out_ptr + rows64[:, None] * ldo + cols64[None, :]
+                if ACT_BWD:
+                    zp = z_ptr + rows64[:, None] * ldo + cols64[None, :]
+                    zg = tl.load(zp, mask=m2, other=0.0).to(ACC)
+                    if ACT == 4:  # swiglu: zg the gate, zu the up projection
+                        zu = tl.load(zp + HALF, mask=m2, other=0.0).to(ACC)
+                        sg = 1.0 / (1.0 + tl.exp(-zg))
+                        silu = zg * sg
+                        hval = silu * zu
+                    elif ACT == 1:
+                        cdf = 0.5 * (1.0 + tl.math.erf(zg * 0.7071067811865476))
+                        hval = zg * cdf
+                    elif ACT == 2:
+                        hval = tl.where(zg < 0, 0.0, zg)
+                    elif ACT == 3:
+                        sg = 1.0 / (1.0 + tl.exp(-zg))
+                        hval = zg * sg
+                    else:
+                        hval = zg
+                    if GATE:
+                        part = tl.sum(tl.where(m2, acc * hval, 0.0), axis=1)
+                        if GATE_B2:
+                            part += tl.where(pid_n == 0, bdot, 0.0)
+                        tl.store(part_ptr + pid_n.to(tl.int64) * N + rows64, part, mask=in_e)
+                    if STORE:  # (not STORE: only the gate gradient's partial dots are wanted)
+                        if ROW_W:
+                            acc = acc * rw[:, None]
+                        # d act(z) rounded to z's dtype (the reference's g @ w2^T tensor), then d z from it
+                        # (ATen's gelu_backward, threshold_backward, silu_backward formulas)
+                        if out_ptr.dtype.element_ty == tl.bfloat16:
+                            acc = cast(acc, tl.bfloat16).to(ACC)
+                        elif out_ptr.dtype.element_ty == tl.float16:
+                            acc = acc.to(tl.float16).to(ACC)
+                        if ACT == 4:
+                            gu = acc * zu
+                            if out_ptr.dtype.element_ty == tl.bfloat16:
+                                gu = cast(gu, tl.bfloat16).to(ACC)
+                                silu = cast(silu, tl.bfloat16).to(ACC)
+                            elif out_ptr.dtype.element_ty == tl.float16:
+                                gu = gu.to(tl.float16).to(ACC)
+                                silu = silu.to(tl.float16).to(ACC)
+                            dz = gu * sg * (1.0 + zg * (1.0 - sg))
+                            du = acc * silu
+                            if out_ptr.dtype.element_ty == tl.bfloat16:
+                                du = cast(du, tl.bfloat16)
+                            tl.store(op + HALF, du.to(out_ptr.dtype.element_ty), mask=m2)
+                        elif ACT == 1:
+                            dz = acc * (cdf + zg * tl.exp(-0.5 * zg * zg) * 0.3989422804014327)
+                        elif ACT == 2:
+                            dz = tl.where(zg <= 0, 0.0, acc)
+                        elif ACT == 3:
+                            dz = acc * sg * (1.0 + zg * (1.0 - sg))
+                        else:
+                            dz = acc
+                        res = dz
+                else:
                     if ROW_W:
                         acc = acc * rw[:, None]
-                    # d act(z) rounded to z's dtype (the reference's g @ w2^T tensor), then d z from it
-                    # (ATen's gelu_backward, threshold_backward, silu_backward formulas)
-                    if out_ptr.dtype.element_ty == tl.bfloat16:
-                        acc = cast(acc, tl.bfloat16).to(ACC)
-                    elif out_ptr.dtype.element_ty == tl.float16:
-                        acc = acc.to(tl.float16).to(ACC)
-                    if ACT == 4:
-                        gu = acc * zu
+                    if HAS_BIAS:  # the product rounded to the output dtype, then the bias added (as the reference)
                         if out_ptr.dtype.element_ty == tl.bfloat16:
-                            gu = cast(gu, tl.bfloat16).to(ACC)
-                            silu = cast(silu, tl.bfloat16).to(ACC)
+                            acc = cast(acc, tl.bfloat16).to(ACC)
                         elif out_ptr.dtype.element_ty == tl.float16:
-                            gu = gu.to(tl.float16).to(ACC)
-                            silu = silu.to(tl.float16).to(ACC)
-                        dz = gu * sg * (1.0 + zg * (1.0 - sg))
-                        du = acc * silu
-                        if out_ptr.dtype.element_ty == tl.bfloat16:
-                            du = cast(du, tl.bfloat16)
-                        tl.store(op + HALF, du.to(out_ptr.dtype.element_ty), mask=m2)
-                    elif ACT == 1:
-                        dz = acc * (cdf + zg * tl.exp(-0.5 * zg * zg) * 0.3989422804014327)
-                    elif ACT == 2:
-                        dz = tl.where(zg <= 0, 0.0, acc)
-                    elif ACT == 3:
-                        dz = acc * sg * (1.0 + zg * (1.0 - sg))
-                    else:
-                        dz = acc
-                    res = dz
-            else:
-                if ROW_W:
-                    acc = acc * rw[:, None]
-                if HAS_BIAS:  # the product rounded to the output dtype, then the bias added (as the reference)
+                            acc = acc.to(tl.float16).to(ACC)
+                        acc += tl.load(bias_ptr + e64 * NC + cols64, mask=cmask, other=0.0).to(ACC)[None, :]
+                    res = acc
+                if STORE:
                     if out_ptr.dtype.element_ty == tl.bfloat16:
-                        acc = cast(acc, tl.bfloat16).to(ACC)
-                    elif out_ptr.dtype.element_ty == tl.float16:
-                        acc = acc.to(tl.float16).to(ACC)
-                    acc += tl.load(bias_ptr + e64 * NC + cols64, mask=cmask, other=0.0).to(ACC)[None, :]
-                res = acc
-            if STORE:
-                if out_ptr.dtype.element_ty == tl.bfloat16:
-                    res = cast(res, tl.bfloat16)
-                tl.store(op, res.to(out_ptr.dtype.element_ty), mask=m2)
-    if STORE:  # rows past offsets[E]: zeros
-        tail = inside & (rows >= total)
-        mt = tail[:, None] & cmask[None, :]
-        zero = tl.zeros([BM, BN], dtype=out_ptr.dtype.element_ty)
-        op = out_ptr + rows64[:, None] * ldo + cols64[None, :]
-        tl.store(op, zero, mask=mt)
-        if ACT_BWD:
-            if ACT == 4:
-                tl.store(op + HALF, zero, mask=mt)
+                        res = cast(res, tl.bfloat16)
+                    tl.store(op, res.to(out_ptr.dtype.element_ty), mask=m2)
+            else:  # the rows past offsets[E]: zeros
+                if STORE:
+                    mt = in_e[:, None] & cmask[None, :]
+                    zero = tl.zeros([BM, BN], dtype=out_ptr.dtype.element_ty)
+                    op = out_ptr + rows64[:, None] * ldo + cols64[None, :]
+                    tl.store(op, zero, mask=mt)
+                    if ACT_BWD:
+                        if ACT == 4:
+                            tl.store(op + HALF, zero, mask=mt)
 
 
 @triton.jit

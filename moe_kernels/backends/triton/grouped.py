@@ -4,10 +4,12 @@ Everything is built from two GEMM programs (``_grouped_jit``), launched over sta
 nothing is read on the host (no ``.item()``, no ``.tolist()``: the segment ``offsets`` are read on
 the device only):
 
-* **varlen M** (``_rows_gemm_kernel``: forward, dX): a grid of (cdiv(N, BM) row tiles, column
-  tiles). Each row tile finds the experts of its rows by counting ``offsets[1..E] <= row`` and runs
-  one masked pass per expert it touches (a tile that straddles experts runs several passes; at most
-  cdiv(N, BM) + E passes in all); rows past ``offsets[E]`` are written as zeros. The prologue can
+* **varlen M** (``_rows_gemm_kernel``: forward, dX): a grid of (cdiv(N, BM) + E, column tiles):
+  one program per (row tile, expert segment) pair, which it finds from ``offsets`` on the device (a
+  prefix sum of each segment's tile count), doing one masked pass of one expert over one tile. A
+  tile that straddles experts is thus split over several programs instead of looping over them, so
+  the work per program is balanced however few rows the experts have (decode, small T); rows past
+  ``offsets[E]`` (a last segment) are written as zeros. The prologue can
   gather rows through the plan's ``sources`` (moe_mlp: no permuted copy of x exists) or apply the
   activation to z while loading (the second GEMM reads z, never a stored act(z)); the epilogue adds
   the bias, or applies the activation's backward (d z from d act(z), swiglu's two halves), scales
@@ -102,6 +104,11 @@ def _experts_cfg(I: int, J: int, fp64: bool) -> tuple:
 #: the layout allows, whatever the GPU).
 TMA = None
 
+#: How the varlen-M GEMM's programs cover its (row tile, expert) pairs: None (automatic: one program
+#: per pair on a GPU, one program walking them all under the interpreter), True (walk) or False (one
+#: per pair: the GPU's schedule, which tests run under the interpreter too).
+WALK = None
+
 
 def _tma_wanted(w: torch.Tensor) -> bool:
     if TMA is not None:
@@ -151,15 +158,19 @@ def _rows(a, offsets, w, out, *, K, NC, lda, trans=False, src=None, act_in=False
     sbk, sbn = (s2, s1) if trans else (s1, s2)
     desc, b_t = _weight_desc(w, trans, BK, BN)
     d = out  # stand-in for unused pointers
-    _jit()._rows_gemm_kernel[(cdiv(N, BM), cdiv(NC, BN))](
+    # on a GPU one program per (row tile, expert segment) pair: at most cdiv(N, BM) + E of them (see the
+    # kernel); interpreted, one program walks them all
+    walk = interpreting() if WALK is None else bool(WALK)
+    _jit()._rows_gemm_kernel[(1 if walk else cdiv(N, BM) + E, cdiv(NC, BN))](
         a, src if src is not None else offsets, offsets, w, desc, bias if bias is not None else d,
         rw if rw is not None else d, out, z if z is not None else d, part if part is not None else d,
         b2 if b2 is not None else d,
         N, K, NC, E, lda, out.stride(0), half, s0, sbk, sbn,
-        BM=BM, BN=BN, BK=BK, BE=pow2(E), GATHER=src is not None, ACT_IN=bool(act_in), ACT=act,
+        BM=BM, BN=BN, BK=BK, BE=pow2(E + 1), GATHER=src is not None, ACT_IN=bool(act_in), ACT=act,
         HAS_BIAS=bias is not None, ROW_W=rw is not None, ACT_BWD=bool(act_bwd), GATE=part is not None,
         GATE_B2=part is not None and b2 is not None, ACC=_acc(a), UPCAST=_upcast(a), DOT64=_dot64(),
-        PREC=fp32_precision(), STORE=bool(store), TMA=desc is not None, B_T=b_t, num_warps=nw)
+        PREC=fp32_precision(), STORE=bool(store), TMA=desc is not None, B_T=b_t, WALK=walk,
+        num_warps=nw)
 
 
 def _experts(a, b, offsets, out, bsum=None, *, I, J, lda, ldb, src=None, a_gather=False, a_act=False, act=0,
