@@ -36,8 +36,8 @@ The recorder also sets the launchers' ``grouped.TMA = True``, so weights whose l
 recorded on the tensor-descriptor path (as on an H100/H200) and the others on pointer loads; a sweep
 pass with ``FP32_PRECISION = "tf32"`` records the TF32 GEMMs.
 
-Measured (triton 3.9.0, 2 cores): 1385 distinct launches recorded, 425 cases compiled (51 of them
-with a tensor descriptor), in 5.9 minutes (recording 1.7, compiling 4.2).
+Measured (triton 3.9.0, 2 cores): 1412 distinct launches recorded, 440 cases compiled (about 50
+with a tensor descriptor), in 5.8 minutes (recording 2.7, compiling 3.1).
 
 Exit status 0 when every case compiles; otherwise 1, listing per failure the kernel, the
 specialisation and the error (its first line, and its last line: the cause).
@@ -75,6 +75,8 @@ TESTS = [
 ]
 #: Sweep geometries (T, E, K, D, H) for tests/kernel_cases.py: the conformance one, all ones, one token,
 #: and one whose weight rows are 16-byte aligned in every dtype (the tensor-descriptor path).
+#: (T <= 9: kernel_cases' task ids are 9 long. Its plans hold a few rows per expert, so the GEMMs'
+#: largest row tiles, BM = 128 from 256 rows per expert, come from _big_tiles.)
 SWEEP_GEOMS = [(9, 5, 2, 6, 4), (1, 1, 1, 1, 1), (1, 5, 2, 6, 4), (9, 5, 2, 16, 16)]
 #: Int constexprs that select a code path (kept exactly in the base); other int constexprs are sizes.
 FLAG_NAMES = {"ACT", "MODE", "PHASE", "POLICY", "TASK", "NS", "ACC"}
@@ -200,6 +202,7 @@ def _sweep():
                         fn(*v)
                     except Exception:  # a launch before the error is recorded all the same
                         n_err += 1
+    n_err += _big_tiles()
     # fp32 GEMMs with TF32 asked for (input_precision="tf32"), at the conformance geometry
     from moe_kernels.backends.triton import _common
     kc.T, kc.E, kc.K, kc.D, kc.H = SWEEP_GEOMS[0]
@@ -215,6 +218,26 @@ def _sweep():
                 n_err += 1
     finally:
         _common.FP32_PRECISION = None
+    return n_err
+
+
+def _big_tiles():
+    """The grouped GEMMs with 300 rows of one expert (the GPU tile table's BM = 128, 8 warps), every dtype."""
+    import torch
+    from moe_kernels.backends.triton import grouped as tg
+
+    n_err = 0
+    off = torch.tensor([0, 300], dtype=torch.int32)
+    for dt in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        x, gy = torch.randn(300, 16).to(dt), torch.randn(300, 16).to(dt)
+        w1, w2 = torch.randn(1, 16, 160).to(dt), torch.randn(1, 80, 16).to(dt)
+        try:
+            tg.grouped_gemm(x, off, w1)  # 160 columns: BN = 128, 8 warps
+            tg.grouped_gemm_backward(gy, x, off, w1[:, :, :16].contiguous(), True, True)
+            y, z = tg.grouped_mlp(x, off, w1, w2, None, None, "swiglu")
+            tg.grouped_mlp_backward(gy, x, z, off, w1, w2, None, None, "swiglu")
+        except Exception:
+            n_err += 1
     return n_err
 
 
