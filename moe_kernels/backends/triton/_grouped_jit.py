@@ -15,7 +15,7 @@ Two GEMM programs serve every op (see :mod:`moe_kernels.backends.triton.grouped`
 
 Accumulation is fp32 (fp64 for fp64 data: an elementwise-product-and-sum path, ``tl.dot`` has no
 fp64); fp32 operands use ``input_precision=PREC``: "ieee" unless TF32 is asked for
-(``_common.FP32_PRECISION``); under the interpreter fp16/bf16 operands are
+(``set_fp32_precision``); under the interpreter fp16/bf16 operands are
 upcast before ``tl.dot`` (its bf16 dot is wrong). All addresses are int64.
 """
 
@@ -64,7 +64,7 @@ def _rows_gemm_kernel(
     expert over one tile, so work is balanced however small the experts (no program loops over
     every expert its tile straddles); programs past the last pair do nothing. WALK (the
     interpreter, where each program and each reduction costs milliseconds): one program walks
-    every pair, segment by segment, through the same _rows_pass.
+    every pair, segment by segment, through the same loop body.
     """
     pid = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -73,26 +73,29 @@ def _rows_gemm_kernel(
     cols64 = cols.to(tl.int64)
     if WALK:  # every segment, every tile of it
         seg_first = 0
-        seg_end = E + 1
-    else:  # this program's pair: its segment, and its tile within the segment
+        NSEG = E + 1
+    else:  # this program's pair: its segment, and its tile within the segment (straight-line code:
+        # the loops below then have one iteration and constant bounds)
         ee = tl.arange(0, BE)  # BE >= E + 1
         starts = tl.where(ee <= E, tl.load(offsets_ptr + ee, mask=ee <= E, other=0), N)
         ends = tl.where(ee < E, tl.load(offsets_ptr + 1 + ee, mask=ee < E, other=0), N)
         ntiles = tl.where(ends > starts, (ends - 1) // BM - starts // BM + 1, 0)
         upto = tl.cumsum(ntiles, axis=0)  # pairs of the segments up to each, inclusive
-        seg_first = tl.sum((upto <= pid).to(tl.int32), axis=0)
+        seg_first = tl.sum((upto <= pid).to(tl.int32), axis=0)  # E + 1 past the last pair: nothing to do
         first_pair = tl.sum(tl.where(ee == seg_first, upto - ntiles, 0), axis=0)
-        seg_end = tl.where(pid < tl.sum(ntiles, axis=0), seg_first + 1, seg_first)  # none past the last pair
-    for seg in range(seg_first, seg_end):
-        lo = tl.load(offsets_ptr + seg)
+        NSEG: tl.constexpr = 1
+    for i in range(0, NSEG):
+        seg = seg_first + i
+        lo = tl.load(offsets_ptr + seg, mask=seg <= E, other=0)
         hi = tl.where(seg < E, tl.load(offsets_ptr + seg + 1, mask=seg < E, other=0), N)
         if WALK:
             tile_first = lo // BM
-            tile_end = tl.where(hi > lo, (hi - 1) // BM + 1, tile_first)
+            NTILE = tl.where(hi > lo, (hi - 1) // BM + 1 - tile_first, 0)
         else:
             tile_first = lo // BM + (pid - first_pair)
-            tile_end = tile_first + 1
-        for tile in range(tile_first, tile_end):
+            NTILE: tl.constexpr = 1
+        for j in range(0, NTILE):
+            tile = tile_first + j
             rows = tile * BM + tl.arange(0, BM)
             rows64 = rows.to(tl.int64)
             in_e = (rows >= lo) & (rows < hi)  # hi <= N
@@ -229,7 +232,7 @@ def _rows_gemm_kernel(
                     if out_ptr.dtype.element_ty == tl.bfloat16:
                         res = cast(res, tl.bfloat16)
                     tl.store(op, res.to(out_ptr.dtype.element_ty), mask=m2)
-            else:  # the rows past offsets[E]: zeros
+            elif seg == E:  # the rows past offsets[E]: zeros
                 if STORE:
                     mt = in_e[:, None] & cmask[None, :]
                     zero = tl.zeros([BM, BN], dtype=out_ptr.dtype.element_ty)

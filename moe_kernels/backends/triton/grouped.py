@@ -35,8 +35,8 @@ gradients are allocated with ``torch.empty_like(w)``, in the weight's layout.
   token's k slots of dz w1^T (no atomics).
 
 Accumulation is fp32 (fp64 for fp64); fp32 operands are multiplied exactly (``input_precision="ieee"``)
-unless TF32 is asked for (``_common.FP32_PRECISION``, the environment or torch's own
-``torch.set_float32_matmul_precision("high")``); outputs are in x's dtype with round-to-nearest-even (also
+unless TF32 is asked for (``moe_kernels.backends.triton.set_fp32_precision("tf32")``, the environment
+or torch's own ``torch.set_float32_matmul_precision("high")``); outputs are in x's dtype with round-to-nearest-even (also
 for bf16 under the interpreter). Block sizes: under the interpreter one configuration with big
 tiles (few programs); on a GPU a small table chosen from the rows per expert (no autotuning).
 """

@@ -3,7 +3,7 @@
 Forward, plain links (one launch, ``_fwd_kernel`` PHASE 0): a program owns a ``[BM, BN]`` tile of
 the output and, for every link in order (the links are passed as tuples of tensors and unrolled),
 runs the GEMM ``aux_i @ W_i`` over ``C_i`` in fp32 (``tl.dot``; fp32 inputs with
-``input_precision="ieee"`` unless TF32 is asked for, see ``_common.FP32_PRECISION``; fp64 by
+``input_precision="ieee"`` unless TF32 is asked for, see ``set_fp32_precision``; fp64 by
 elementwise products summed per chunk), rounds it to the dtype as a GEMM's output is, adds the bias and applies the activation in fp32 (fp64), and sums the links onto ``main`` in
 the epilogue; the output is rounded once. Nothing of the output's size but the output is written.
 
