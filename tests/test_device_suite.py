@@ -177,7 +177,7 @@ def test_task_route_matches_reference(backend):
 # --------------------------------------------------------------------------- permutes
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_dispatch_combineassert_exact(dtype, backend):
+def test_dispatch_combine_exact(dtype, backend):
     _has(backend, "dispatch", "combine", "dispatch_backward", "combine_backward")
     T, E, k, d = (3001, 61, 6, 200) if GPU else (40, 7, 3, 20)
     r = mk.route(_logits(T, E), k, capacity_factor=1.0, pad_to=4, backend="reference")
