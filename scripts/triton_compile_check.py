@@ -45,7 +45,7 @@ specialisation and the error (its first line, and its last line: the cause).
 Also measured with triton 3.6.0 (the GPU machine's version; its wheel installed with ``--no-deps
 --target``, put first on ``PYTHONPATH``): the same 440 cases, 0 failures. CI compiles with both:
 3.9 records and compiles (``--keep DIR``), then 3.6 compiles the same launches (``--launches
-DIR/launches.pkl``), about 3.5 minutes more.
+DIR/launches.pkl``), 167-180 s more.
 
 Usage: .venv/bin/python scripts/triton_compile_check.py [--jobs 2] [--keep DIR] [--launches PKL]
 """
